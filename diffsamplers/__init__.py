@@ -1,0 +1,43 @@
+"""diffsamplers: diffusion-model samplers that drop into diffusers.
+
+Layers (data flows down): noise processes → denoiser → schedules → solvers → sampling loop → adapters.
+"""
+
+from .denoiser import Denoiser
+from .noise import ContinuousVP, DiscreteVP, NoiseProcess, RectifiedFlow, VarianceExploding, noise_process_from_config
+from .rng import NoiseSource
+from .sampling import NonFiniteError, StepInfo, sample
+from .schedules import Schedule
+from .solvers import DDIM, DPMSolverPlusPlus, DPMSolverPlusPlusSinglestep, DynamicThresholding, Euler
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DDIM",
+    "ContinuousVP",
+    "DPMSolverPlusPlus",
+    "DPMSolverPlusPlusScheduler",
+    "DPMSolverPlusPlusSinglestep",
+    "Denoiser",
+    "DiscreteVP",
+    "DynamicThresholding",
+    "Euler",
+    "NoiseProcess",
+    "NoiseSource",
+    "NonFiniteError",
+    "RectifiedFlow",
+    "Schedule",
+    "StepInfo",
+    "VarianceExploding",
+    "noise_process_from_config",
+    "sample",
+]
+
+
+def __getattr__(name: str):
+    # The diffusers adapters import diffusers, which is slow: load them on first use.
+    if name == "DPMSolverPlusPlusScheduler":
+        from .adapters.dpm_solver_pp_scheduler import DPMSolverPlusPlusScheduler
+
+        return DPMSolverPlusPlusScheduler
+    raise AttributeError(f"module 'diffsamplers' has no attribute {name!r}")

@@ -1,0 +1,6 @@
+"""diffusers adapters: scheduler classes over this package's solvers (never a second copy of the maths)."""
+
+from .dpm_solver_pp_scheduler import DPMSolverPlusPlusScheduler
+from .scheduler_base import SolverScheduler
+
+__all__ = ["DPMSolverPlusPlusScheduler", "SolverScheduler"]

@@ -1,0 +1,94 @@
+"""A sampling schedule: the noise levels a solver visits, as data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..noise import NoiseProcess
+
+__all__ = ["Schedule", "FINAL_CONVENTIONS"]
+
+#: How a schedule ends.
+#: ``"zero"``: the last of the n+1 grid points is replaced by σ̃ = 0 (diffusers' ``final_sigmas_type="zero"``
+#: for linspace/leading/trailing spacing, ComfyUI's AYS);
+#: ``"sigma_min"``: the grid is kept and sampling stops at the smallest grid noise level (official DPM-Solver);
+#: ``"append_zero"``: n grid points, then σ̃ = 0 appended (k-diffusion, diffusers' Karras/exponential sigmas).
+FINAL_CONVENTIONS = ("zero", "sigma_min", "append_zero")
+
+_RANGE_RTOL = 1e-6
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Noise levels σ̃_0 > σ̃_1 > … > σ̃_n ≥ 0 (σ̃ = σ/α, EDM units), float64 on the host.
+
+    A solver evaluates the model at the first n levels and returns the sample at σ̃_n. ``timesteps``
+    optionally overrides what the network receives at those n levels (diffusers rounds timesteps while
+    its solver keeps the unrounded σ); by default the process maps σ̃ to its timestep.
+    """
+
+    sigmas: np.ndarray
+    timesteps: np.ndarray | None = None
+    metadata: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        sigmas = np.array(self.sigmas, dtype=np.float64).reshape(-1)
+        object.__setattr__(self, "sigmas", sigmas)
+        if sigmas.size < 2:
+            raise ValueError(f"a schedule needs at least 2 noise levels (1 step), got {sigmas.size}: {sigmas.tolist()}")
+        bad = np.flatnonzero(~np.isfinite(sigmas))
+        if bad.size:
+            i = int(bad[0])
+            raise ValueError(f"schedule contains a non-finite noise level: sigmas[{i}] = {sigmas[i]}")
+        if np.any(sigmas < 0):
+            i = int(np.flatnonzero(sigmas < 0)[0])
+            raise ValueError(f"noise levels must be non-negative: sigmas[{i}] = {sigmas[i]}")
+        steps = np.diff(sigmas)
+        if np.any(steps >= 0):
+            i = int(np.flatnonzero(steps >= 0)[0])
+            raise ValueError(
+                "a schedule must be strictly decreasing: "
+                f"sigmas[{i + 1}] = {float(sigmas[i + 1])!r} does not fall below sigmas[{i}] = {float(sigmas[i])!r}"
+            )
+        if self.timesteps is not None:
+            ts = np.array(self.timesteps, dtype=np.float64).reshape(-1)
+            if ts.size != sigmas.size - 1:
+                raise ValueError(
+                    f"timesteps must give one value per model evaluation ({sigmas.size - 1}), got {ts.size}"
+                )
+            if not np.all(np.isfinite(ts)):
+                raise ValueError(f"timesteps contain a non-finite value: {ts.tolist()}")
+            object.__setattr__(self, "timesteps", ts)
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.sigmas.size - 1)
+
+    @property
+    def final_sigma(self) -> float:
+        return float(self.sigmas[-1])
+
+    def check_range(self, process: NoiseProcess) -> Schedule:
+        """Raise if a non-zero noise level lies outside the process's trained range; returns ``self``."""
+        lo, hi = process.sigma_min, process.sigma_max
+        for i, s in enumerate(self.sigmas):
+            if s == 0.0:
+                continue
+            if s > hi * (1 + _RANGE_RTOL) or s < lo * (1 - _RANGE_RTOL):
+                raise ValueError(
+                    f"noise level sigmas[{i}] = {s:.6g} is outside the model's noise range "
+                    f"[{lo:.6g}, {hi:.6g}] ({type(process).__name__})"
+                )
+        return self
+
+    def model_timesteps(self, process: NoiseProcess) -> np.ndarray:
+        """What the network receives at each of the n evaluation levels."""
+        if self.timesteps is not None:
+            return self.timesteps.copy()
+        return process.timestep_from_sigma_tilde(self.sigmas[:-1])
+
+    def __len__(self) -> int:
+        return self.num_steps

@@ -1,0 +1,181 @@
+"""What every solver shares: a host-side plan of coefficients and a device-side linear update.
+
+Every solver in this package — DDIM, Euler, DPM-Solver++ multistep/singlestep, their SDE variants — is a
+*linear* method: the next sample is a fixed linear combination of the current sample, the stored x̂0
+predictions and fresh Gaussian noise,
+
+    x_{k+1} = c_x·x_k + c_a·x_anchor + Σ_j c_j·x̂0_{k−j} + c_z·z,
+
+with coefficients that depend only on the schedule. :meth:`Solver.plan` computes all of them once, on the
+host in float64; :meth:`Solver.step` then issues a handful of fused tensor ops per model evaluation, with
+no host–device synchronisation and no branch on a device value. The solver's state (the x̂0 history and an
+anchor sample) is explicit and can be re-indexed along the batch, which particle resampling needs.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..denoiser import compute_dtype
+from ..noise import NoiseProcess
+from ..schedules.schedule import Schedule
+
+__all__ = ["LinearStep", "SolverPlan", "SolverState", "Solver", "marginals"]
+
+
+@dataclass(frozen=True)
+class LinearStep:
+    """Coefficients of one update (host floats).
+
+    ``history[j]`` multiplies the j-th newest x̂0 (``history[0]`` is the one just computed); ``anchor``
+    multiplies the sample saved by the last step with ``save_anchor`` (the start of a singlestep outer step).
+    """
+
+    x: float
+    history: tuple[float, ...] = ()
+    anchor: float = 0.0
+    noise: float = 0.0
+    save_anchor: bool = False
+    order: int = 1
+
+
+@dataclass(frozen=True)
+class SolverPlan:
+    """Everything a sampling loop needs, computed once per schedule.
+
+    ``sigmas`` holds σ̃ at the K evaluation points plus the final level (K + 1 values); ``alpha_t`` and
+    ``sigma_t`` are the marginal coefficients at the same points, ``timesteps`` what the network receives
+    at the K evaluation points, ``steps`` the K updates.
+    """
+
+    process: NoiseProcess
+    sigmas: np.ndarray
+    alpha_t: np.ndarray
+    sigma_t: np.ndarray
+    timesteps: np.ndarray
+    steps: tuple[LinearStep, ...]
+    history_size: int
+
+    @property
+    def num_evals(self) -> int:
+        """Model evaluations (NFE) of one pass."""
+        return len(self.steps)
+
+    @property
+    def stochastic(self) -> bool:
+        return any(s.noise != 0.0 for s in self.steps)
+
+    @property
+    def orders(self) -> list[int]:
+        return [s.order for s in self.steps]
+
+    @property
+    def init_noise_sigma(self) -> float:
+        return self.process.init_noise_sigma(float(self.sigmas[0]))
+
+
+@dataclass
+class SolverState:
+    """Mutable per-run state: the newest x̂0 predictions (oldest first) and the anchor sample."""
+
+    history: list[torch.Tensor] = field(default_factory=list)
+    anchor: torch.Tensor | None = None
+
+    def push(self, x0: torch.Tensor, size: int) -> None:
+        self.history.append(x0)
+        if len(self.history) > size:
+            del self.history[0]
+
+    def index_select(self, index: torch.Tensor) -> SolverState:
+        """The state of the samples ``index`` (e.g. resampled particles' ancestors), gathered along dim 0."""
+        return SolverState(
+            history=[h.index_select(0, index) for h in self.history],
+            anchor=None if self.anchor is None else self.anchor.index_select(0, index),
+        )
+
+
+def marginals(process: NoiseProcess, sigmas: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(λ, α, σ) at the noise levels σ̃; σ̃ = 0 gives λ = +∞, α = 1, σ = 0."""
+    sigmas = np.asarray(sigmas, dtype=np.float64)
+    with np.errstate(divide="ignore"):
+        lam = -np.log(sigmas)
+    alpha, sigma = process.alpha_sigma(sigmas)
+    return lam, alpha, sigma
+
+
+class Solver(ABC):
+    """A sampler for the probability-flow ODE / reverse SDE, written as a sequence of linear updates."""
+
+    #: Short name used by the CLI and in tables.
+    name: str = "solver"
+
+    def __init__(self, x0_transform: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        self.x0_transform = x0_transform
+
+    # -- host side ------------------------------------------------------------------------------
+    def plan(self, process: NoiseProcess, schedule: Schedule) -> SolverPlan:
+        """Precompute every coefficient for ``schedule`` (float64, on the host)."""
+        if not isinstance(schedule, Schedule):
+            raise TypeError(f"schedule must be a Schedule, got {type(schedule).__name__}")
+        schedule.check_range(process)
+        eval_sigmas, steps, history_size = self._coefficients(process, schedule.sigmas)
+        sigmas = np.concatenate([eval_sigmas, schedule.sigmas[-1:]])
+        if np.array_equal(eval_sigmas, schedule.sigmas[:-1]):
+            timesteps = schedule.model_timesteps(process)
+        else:
+            Schedule(sigmas).check_range(process)
+            timesteps = process.timestep_from_sigma_tilde(eval_sigmas)
+        _, alpha, sigma = marginals(process, sigmas)
+        return SolverPlan(process, sigmas, alpha, sigma, np.asarray(timesteps, np.float64), tuple(steps), history_size)
+
+    @abstractmethod
+    def _coefficients(self, process: NoiseProcess, sigmas: np.ndarray) -> tuple[np.ndarray, list[LinearStep], int]:
+        """(σ̃ at the evaluation points, one :class:`LinearStep` per evaluation, history length)."""
+
+    # -- device side ----------------------------------------------------------------------------
+    def init_state(self) -> SolverState:
+        return SolverState()
+
+    def step(
+        self,
+        plan: SolverPlan,
+        state: SolverState,
+        index: int,
+        x: torch.Tensor,
+        x0: torch.Tensor,
+        noise: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Advance from evaluation point ``index`` (sample ``x``, prediction ``x0``) to the next one.
+
+        Arithmetic runs in float32 (float64 inputs stay float64) whatever the model dtype; the result is
+        in that dtype.
+        """
+        c = plan.steps[index]
+        work = compute_dtype(x.dtype)
+        x = x.to(work)
+        x0 = x0.to(work)
+        if self.x0_transform is not None:
+            x0 = self.x0_transform(x0)
+        state.push(x0, plan.history_size)
+        if c.save_anchor:
+            state.anchor = x
+        out = x * c.x
+        history = state.history
+        for j, coef in enumerate(c.history):
+            if coef != 0.0:
+                out.add_(history[-1 - j], alpha=coef)
+        if c.anchor != 0.0:
+            out.add_(state.anchor, alpha=c.anchor)
+        if c.noise != 0.0:
+            if noise is None:
+                raise ValueError(f"step {index} of {self.name} is stochastic and needs a noise tensor")
+            out.add_(noise.to(work), alpha=c.noise)
+        return out
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r})"

@@ -1,0 +1,34 @@
+"""Small helpers shared by the tests."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+
+def scheduler_loop(
+    scheduler,
+    x: torch.Tensor,
+    model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    noise: Sequence[torch.Tensor] | None = None,
+    **set_timesteps_kwargs,
+) -> torch.Tensor:
+    """Run a diffusers-style scheduler through a full loop, as a pipeline does."""
+    scheduler.set_timesteps(**set_timesteps_kwargs)
+    x = x * scheduler.init_noise_sigma
+    for i, t in enumerate(scheduler.timesteps):
+        out = model(scheduler.scale_model_input(x, t), t)
+        kwargs = {} if noise is None else {"variance_noise": noise[i]}
+        x = scheduler.step(out.to(x.dtype), t, x, **kwargs).prev_sample
+    return x
+
+
+def fitted_slope(nfes: Sequence[int], errors: Sequence[float]) -> float:
+    """Slope of log(error) against log(NFE): minus the observed order of convergence."""
+    return float(np.polyfit(np.log(np.asarray(nfes, float)), np.log(np.asarray(errors, float)), 1)[0])
+
+
+def rms(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).pow(2).mean().sqrt())

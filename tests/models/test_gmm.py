@@ -1,0 +1,107 @@
+"""The exact Gaussian-mixture model: its denoiser, its network form and the SciPy reference ODE solution."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from diffsamplers.models.gmm import GaussianMixture, default_mixture, default_process, reference_solution
+from diffsamplers.noise import ContinuousVP, RectifiedFlow, VarianceExploding
+from diffsamplers.prediction import to_x0
+
+PROCESS = default_process()
+
+
+def _gaussian_flow(gmm, process, x_T, sigma_start, sigma_end):
+    """Closed-form PF-ODE solution for a single Gaussian (Wang & Vastola 2024, general α/σ form)."""
+    mu, lam, u = gmm.means[0], gmm.eigvals[0], gmm.eigvecs[0]
+    a_T, s_T = (float(v) for v in process.alpha_sigma(sigma_start))
+    a_t, s_t = (float(v) for v in process.alpha_sigma(sigma_end))
+    flat = x_T.double().reshape(x_T.shape[0], -1)
+    coords = (flat - a_T * mu) @ u
+    scale = torch.sqrt((a_t**2 * lam + s_t**2) / (a_T**2 * lam + s_T**2))
+    return (a_t * mu + (coords * scale) @ u.T).reshape(x_T.shape)
+
+
+@pytest.mark.parametrize(
+    "process", [PROCESS, ContinuousVP("cosine"), VarianceExploding(0.002, 80.0), RectifiedFlow()], ids=type
+)
+def test_reference_solution_matches_gaussian_closed_form(process):
+    gmm = GaussianMixture.random((1, 4, 4), num_components=1, seed=3, eig_range=(1e-3, 1.0))
+    x_T = torch.randn(4, 1, 4, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    start, end = process.sigma_max, process.sigma_min
+    ref = reference_solution(gmm, process, x_T, start, end)
+    exact = _gaussian_flow(gmm, process, x_T, start, end)
+    assert float((ref - exact).abs().max()) < 1e-8 * max(1.0, float(exact.abs().max()))
+    # All the way to σ = 0 too.
+    exact0 = _gaussian_flow(gmm, process, x_T, start, 0.0)
+    assert float((reference_solution(gmm, process, x_T, start, 0.0) - exact0).abs().max()) < 1e-8
+
+
+def test_denoiser_is_posterior_mean_by_monte_carlo():
+    gmm = GaussianMixture.random((3,), num_components=3, seed=0, eig_range=(0.05, 0.3))
+    g = torch.Generator().manual_seed(0)
+    alpha, sigma = 0.8, 0.6
+    x0 = gmm.sample(400_000, generator=g, dtype=torch.float64)
+    xt = alpha * x0 + sigma * torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    # E[x0 | x_t] averaged over a small ball around a point ≈ the denoiser there.
+    centre = xt[0:1]
+    near = (xt - centre).norm(dim=1) < 0.15  # E[x0 | x_t in ball] = mean of E[x0 | x_t] over the ball
+    assert near.sum() > 200
+    mc = x0[near].mean(0)
+    exact = gmm.denoise(xt[near], alpha, sigma).mean(0)
+    assert float((mc - exact).abs().max()) < 0.05
+
+
+def test_denoiser_limits_and_per_sample_coefficients():
+    gmm = default_mixture()
+    x = gmm.sample(8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    # At σ → 0 the denoiser returns the clean sample itself.
+    assert float((gmm.denoise(x, 1.0, 1e-8) - x).abs().max()) < 1e-6
+    # At huge noise it returns the data mean.
+    mean = (gmm.weights[:, None] * gmm.means).sum(0).reshape(gmm.sample_shape)
+    far = gmm.denoise(1e6 * torch.randn_like(x), 1.0, 1e6)
+    assert float((far - mean).abs().max()) < 1e-4
+    # Per-sample (α, σ) agree with scalar calls.
+    a = torch.tensor([0.9, 0.5] * 4, dtype=torch.float64)
+    s = torch.sqrt(1 - a**2)
+    batched = gmm.denoise(x, a, s)
+    for i in (0, 1):
+        single = gmm.denoise(x[i : i + 1], float(a[i]), float(s[i]))
+        assert torch.allclose(batched[i : i + 1], single, atol=1e-12)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction", "flow_prediction"])
+def test_network_form_predicts_every_parametrisation(prediction_type):
+    gmm = default_mixture()
+    process = RectifiedFlow() if prediction_type == "flow_prediction" else PROCESS
+    model = gmm.as_model(process, prediction_type)
+    x = torch.randn(5, *gmm.sample_shape, dtype=torch.float64)
+    t = 0.3 if prediction_type == "flow_prediction" else 420.0
+    timestep = float(process.timestep(t))
+    a, s = (float(v) for v in process.alpha_sigma(process.sigma_tilde(t)))
+    out = model(x, torch.tensor(timestep)).sample
+    np.testing.assert_allclose(to_x0(out, x, a, s, prediction_type), gmm.denoise(x, a, s), atol=1e-9)
+
+
+def test_sampling_matches_mixture_moments():
+    gmm = GaussianMixture.random((2,), num_components=2, seed=5, eig_range=(0.01, 0.2))
+    x = gmm.sample(200_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    mean = (gmm.weights[:, None] * gmm.means).sum(0)
+    assert float((x.mean(0) - mean).abs().max()) < 0.01
+
+
+def test_bad_mixtures():
+    with pytest.raises(ValueError, match="positive semi-definite"):
+        GaussianMixture.from_covariances(np.zeros((1, 2)), np.array([[[1.0, 0.0], [0.0, -1.0]]]))
+    with pytest.raises(ValueError, match="does not hold"):
+        GaussianMixture.from_covariances(np.zeros((1, 2)), np.eye(2)[None], sample_shape=(3,))
+    with pytest.raises(ValueError, match="must exceed"):
+        reference_solution(default_mixture(), PROCESS, torch.zeros(1, 1, 8, 8), 1.0, 2.0)
+
+
+def test_default_mixture_is_reproducible():
+    a, b = default_mixture(), default_mixture()
+    assert torch.equal(a.means, b.means) and a.sample_shape == (1, 8, 8)
+    assert math.isclose(float(a.weights.sum()), 1.0)
