@@ -34,6 +34,8 @@ class LinearStep:
 
     ``history[j]`` multiplies the j-th newest x̂0 (``history[0]`` is the one just computed); ``anchor``
     multiplies the sample saved by the last step with ``save_anchor`` (the start of a singlestep outer step).
+    ``lower[m − 1]`` is the same update using only the m newest predictions, for a run that starts in the
+    middle of the schedule (img2img) and so has less history than planned.
     """
 
     x: float
@@ -42,6 +44,7 @@ class LinearStep:
     noise: float = 0.0
     save_anchor: bool = False
     order: int = 1
+    lower: tuple[LinearStep, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -162,6 +165,10 @@ class Solver(ABC):
         if self.x0_transform is not None:
             x0 = self.x0_transform(x0)
         state.push(x0, plan.history_size)
+        if len(state.history) < len(c.history):
+            if len(state.history) > len(c.lower):
+                raise ValueError(f"{self.name} cannot start at step {index}: it needs the history of earlier steps")
+            c = c.lower[len(state.history) - 1]
         if c.save_anchor:
             state.anchor = x
         out = x * c.x

@@ -30,6 +30,7 @@ step at order 2).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Literal
 
 import numpy as np
@@ -121,29 +122,34 @@ class DPMSolverPlusPlus(Solver):
             orders.append(q)
         return orders
 
+    def _update(self, k: int, q: int, lam: np.ndarray, alpha: np.ndarray, sigma: np.ndarray) -> LinearStep:
+        """Coefficients of the order-q update from point k to k + 1."""
+        h = lam[k + 1] - lam[k]
+        a_t = alpha[k + 1]
+        w0, w1, w2 = _phi_terms(h, self.sde, self.third_order)
+        c_x = sigma[k + 1] / sigma[k] * (np.exp(-h) if self.sde else 1.0)
+        d = np.zeros(3)
+        d[0] = a_t * w0
+        if q >= 2:
+            r0 = (lam[k] - lam[k - 1]) / h
+            delta0 = np.array([1.0, -1.0, 0.0]) / r0  # (D_s − D_{s−1}) / r0
+            if q == 2:
+                weight = 0.5 * a_t * w0 if self.solver_type == "midpoint" else a_t * w1
+                d += weight * delta0
+            else:
+                r1 = (lam[k - 1] - lam[k - 2]) / h
+                delta1 = np.array([0.0, 1.0, -1.0]) / r1
+                d1 = delta0 + r0 / (r0 + r1) * (delta0 - delta1)
+                d2 = (delta0 - delta1) / (r0 + r1)
+                d += a_t * w1 * d1 + a_t * w2 * d2
+        noise = sigma[k + 1] * np.sqrt(-np.expm1(-2.0 * h)) if self.sde else 0.0
+        return LinearStep(x=float(c_x), history=tuple(float(v) for v in d[:q]), noise=float(noise), order=q)
+
     def _coefficients(self, process: NoiseProcess, sigmas: np.ndarray) -> tuple[np.ndarray, list[LinearStep], int]:
         lam, alpha, sigma = marginals(process, sigmas)
-        num_steps = sigmas.size - 1
+        orders = self.step_orders(sigmas.size - 1, float(sigmas[-1]))
         steps = []
-        for k, q in enumerate(self.step_orders(num_steps, float(sigmas[-1]))):
-            h = lam[k + 1] - lam[k]
-            a_t = alpha[k + 1]
-            w0, w1, w2 = _phi_terms(h, self.sde, self.third_order)
-            c_x = sigma[k + 1] / sigma[k] * (np.exp(-h) if self.sde else 1.0)
-            d = np.zeros(3)
-            d[0] = a_t * w0
-            if q >= 2:
-                r0 = (lam[k] - lam[k - 1]) / h
-                delta0 = np.array([1.0, -1.0, 0.0]) / r0  # (D_s − D_{s−1}) / r0
-                if q == 2:
-                    weight = 0.5 * a_t * w0 if self.solver_type == "midpoint" else a_t * w1
-                    d += weight * delta0
-                else:
-                    r1 = (lam[k - 1] - lam[k - 2]) / h
-                    delta1 = np.array([0.0, 1.0, -1.0]) / r1
-                    d1 = delta0 + r0 / (r0 + r1) * (delta0 - delta1)
-                    d2 = (delta0 - delta1) / (r0 + r1)
-                    d += a_t * w1 * d1 + a_t * w2 * d2
-            noise = sigma[k + 1] * np.sqrt(-np.expm1(-2.0 * h)) if self.sde else 0.0
-            steps.append(LinearStep(x=float(c_x), history=tuple(float(v) for v in d[:q]), noise=float(noise), order=q))
+        for k, q in enumerate(orders):
+            lower = tuple(self._update(k, m, lam, alpha, sigma) for m in range(1, q))
+            steps.append(replace(self._update(k, q, lam, alpha, sigma), lower=lower))
         return np.asarray(sigmas[:-1], dtype=np.float64), steps, self.order

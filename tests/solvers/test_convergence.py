@@ -11,12 +11,11 @@ import torch
 from diffsamplers import DDIM, DPMSolverPlusPlus, DPMSolverPlusPlusSinglestep, Euler, sample
 from diffsamplers.models.gmm import GaussianMixture, default_mixture, default_process, reference_solution
 from diffsamplers.schedules import uniform_logsnr
-from tests.helpers import fitted_slope, rms
+from tests.helpers import SMOOTH_MIXTURE, fitted_slope, rms
 
 PROCESS = default_process()
 NFES = [10, 14, 20, 28, 40, 56, 80, 100]
-# A two-component mixture whose error curves are in their asymptotic regime from NFE 10 on.
-MIXTURE = GaussianMixture.random((1, 4, 4), num_components=2, seed=1, eig_range=(0.05, 0.5), mean_scale=0.8)
+MIXTURE = SMOOTH_MIXTURE
 
 
 @pytest.fixture(scope="module")
