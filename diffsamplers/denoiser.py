@@ -198,11 +198,12 @@ class Denoiser:
             kwargs = _expand_tree(cond, batch) if cond is not None else {}
         out = self.call_model(x_in, timestep, kwargs)
         work = compute_dtype(x.dtype)
-        out = out.to(work)
+        if out.dtype != work:
+            out = out.to(work)
         if guided:
             out_u, out_c = out.chunk(2, dim=0)
             out = torch.lerp(out_u, out_c, scale)
-        return to_x0(out, x.to(work), alpha, sigma, self.prediction_type)
+        return to_x0(out, x if x.dtype == work else x.to(work), alpha, sigma, self.prediction_type)
 
     def call_model(self, x: torch.Tensor, timestep: float | torch.Tensor, kwargs: Mapping[str, Any]) -> torch.Tensor:
         """One raw network call on a batch; returns the prediction with the sample's shape."""
@@ -215,7 +216,7 @@ class Denoiser:
             dtype = torch.int64 if value.is_integer() else torch.float32
             ts = torch.full((batch,), value if dtype is torch.float32 else int(value), dtype=dtype, device=x.device)
         mdtype = self.model_dtype
-        x_in = x.to(mdtype) if mdtype is not None and mdtype.is_floating_point else x
+        x_in = x.to(mdtype) if mdtype is not None and mdtype.is_floating_point and mdtype != x.dtype else x
         if self._convention == "keyword":
             raw = self.model(x_in, timestep=ts, **kwargs)
         else:

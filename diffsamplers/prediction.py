@@ -55,8 +55,10 @@ def to_x0(
 ) -> torch.Tensor:
     """x̂0 from a network ``output`` at sample ``x`` whose marginal coefficients are (``alpha``, ``sigma``)."""
     if prediction_type == "epsilon":
-        if isinstance(alpha, float) and alpha < _ILL_CONDITIONED_ALPHA and x.dtype != torch.float64:
-            return ((x.double() - sigma * output.double()) / alpha).to(x.dtype)
+        if isinstance(alpha, float) and isinstance(sigma, float):
+            if alpha < _ILL_CONDITIONED_ALPHA and x.dtype != torch.float64:
+                return ((x.double() - sigma * output.double()) / alpha).to(x.dtype)
+            return torch.add(x * (1.0 / alpha), output, alpha=-sigma / alpha)  # two kernels
         return (x - sigma * output) / alpha
     if prediction_type == "sample":
         return output

@@ -2,7 +2,8 @@
 
 The loop precomputes the solver plan on the host, then per model evaluation issues the network call and
 the solver's few fused tensor ops — no value is read back to the host until the end of a chunk. Model
-outputs are checked for NaN/Inf with a device-side flag that is read once per chunk; the error names the
+outputs are checked for NaN/Inf by writing each step's per-sample sum of x̂0 (one reduction kernel; NaN
+and Inf propagate through a sum) into a device buffer that is read once per chunk; the error names the
 first bad step.
 """
 
@@ -73,40 +74,41 @@ def run_plan(
     """
     device = x.device
     start, stop = row_offset, row_offset + x.shape[0]
-    timesteps = _timesteps_on(plan, device)
+    timesteps = _timesteps_on(plan, device).unbind(0)  # views, indexed on the host
+    alphas, sigmas = plan.alpha_t.tolist(), plan.sigma_t.tolist()
+    stochastic = [s.noise != 0.0 for s in plan.steps]
     state = solver.init_state()
-    first_bad = torch.full((x.shape[0],), -1, dtype=torch.int64, device=device) if check_finite else None
+    sums = torch.empty((plan.num_evals, x.shape[0]), dtype=x.dtype, device=device) if check_finite else None
     for k in range(plan.num_evals):
         x0 = denoiser.predict_x0(
             x,
             timesteps[k],
-            float(plan.alpha_t[k]),
-            float(plan.sigma_t[k]),
+            alphas[k],
+            sigmas[k],
             cond=cond,
             uncond=uncond,
             guidance_scale=guidance_scale,
         )
-        if first_bad is not None:
-            bad = ~torch.isfinite(x0).flatten(1).all(dim=1)
-            first_bad = torch.where(bad & (first_bad < 0), k, first_bad)
+        if sums is not None:
+            torch.sum(x0.flatten(1), dim=1, out=sums[k])
         if callback is not None:
             callback(StepInfo(k, plan.num_evals, float(plan.sigmas[k]), float(plan.timesteps[k]), x, x0, start))
-        z = noise.draw(start, stop, x.shape[1:], device, x.dtype) if plan.steps[k].noise != 0.0 else None
+        z = noise.draw(start, stop, x.shape[1:], device, x.dtype) if stochastic[k] else None
         x = solver.step(plan, state, k, x, x0, z)
         if progress is not None:
             progress.update(1)
-    if first_bad is not None:
-        _raise_if_bad(first_bad, plan, start)
+    if sums is not None:
+        _raise_if_bad(sums, plan, start)
     return x
 
 
-def _raise_if_bad(first_bad: torch.Tensor, plan: SolverPlan, offset: int) -> None:
-    flags = first_bad.cpu()  # the one host read of the run
-    bad = torch.nonzero(flags >= 0).flatten()
-    if bad.numel() == 0:
+def _raise_if_bad(sums: torch.Tensor, plan: SolverPlan, offset: int) -> None:
+    finite = torch.isfinite(sums).cpu()  # the one host read of the chunk
+    if bool(finite.all()):
         return
-    k = int(flags[bad].min())
-    rows = (bad + offset).tolist()
+    bad_steps, bad_rows = torch.nonzero(~finite, as_tuple=True)
+    k = int(bad_steps.min())
+    rows = (bad_rows[bad_steps == k] + offset).tolist()
     raise NonFiniteError(
         f"the model produced NaN/Inf at step {k + 1} of {plan.num_evals} (evaluation index {k}, "
         f"sigma={plan.sigmas[k]:.6g}, timestep={plan.timesteps[k]:g}) for {len(rows)} sample(s), "

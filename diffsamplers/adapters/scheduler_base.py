@@ -82,7 +82,7 @@ class SolverScheduler(SchedulerMixin):
         self._timesteps_host = self.timesteps.numpy().astype(np.float64)
         self._step_index: int | None = None
         self._begin_index: int | None = None
-        self._first_bad: torch.Tensor | None = None
+        self._sums: torch.Tensor | None = None
         self._tables: dict[torch.device, _MarginalTable] = {}
 
     @abstractmethod
@@ -165,7 +165,7 @@ class SolverScheduler(SchedulerMixin):
         self.state = self.solver.init_state()
         self._step_index = None
         self._begin_index = None
-        self._first_bad = None
+        self._sums = None
 
     # -- stepping -------------------------------------------------------------------------------
     def scale_model_input(self, sample: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -219,13 +219,9 @@ class SolverScheduler(SchedulerMixin):
             raise ValueError(f"all {self.plan.num_evals} steps have been taken; call set_timesteps again")
         x0 = self._model_output_to_x0(model_output, sample, k)
         if self.check_finite:
-            bad = ~torch.isfinite(x0).all()
-            flag = (
-                self._first_bad
-                if self._first_bad is not None
-                else torch.full((), -1, dtype=torch.int64, device=x0.device)
-            )
-            self._first_bad = torch.where(bad & (flag < 0), k, flag)
+            if self._sums is None:
+                self._sums = torch.zeros(self.plan.num_evals, dtype=x0.dtype, device=x0.device)
+            torch.sum(x0.reshape(-1), dim=0, out=self._sums[k])
         noise = None
         if self._draws_noise():
             if variance_noise is not None:
@@ -236,7 +232,7 @@ class SolverScheduler(SchedulerMixin):
                 )
         prev = self.solver.step(self.plan, self.state, k, sample, x0, noise)
         self._step_index = k + 1
-        if self._step_index == self.plan.num_evals and self._first_bad is not None:
+        if self._step_index == self.plan.num_evals and self._sums is not None:
             self._raise_if_bad()
         prev = prev.to(model_output.dtype)
         if not return_dict:
@@ -244,9 +240,10 @@ class SolverScheduler(SchedulerMixin):
         return SchedulerOutput(prev_sample=prev)
 
     def _raise_if_bad(self) -> None:
-        k = int(self._first_bad.item())  # one host read per run, after the last step
-        self._first_bad = None
-        if k >= 0:
+        finite = torch.isfinite(self._sums).cpu()  # one host read per run, after the last step
+        self._sums = None
+        if not bool(finite.all()):
+            k = int(torch.nonzero(~finite)[0])
             plan = self.plan
             raise NonFiniteError(
                 f"the model output contained NaN/Inf at step {k + 1} of {plan.num_evals} "

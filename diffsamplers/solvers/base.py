@@ -117,14 +117,35 @@ class Solver(ABC):
     #: Short name used by the CLI and in tables.
     name: str = "solver"
 
+    _PLAN_CACHE_SIZE = 16
+
     def __init__(self, x0_transform: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.x0_transform = x0_transform
+        self._plans: dict[tuple, tuple[NoiseProcess, SolverPlan]] = {}
 
     # -- host side ------------------------------------------------------------------------------
     def plan(self, process: NoiseProcess, schedule: Schedule) -> SolverPlan:
-        """Precompute every coefficient for ``schedule`` (float64, on the host)."""
+        """Precompute every coefficient for ``schedule`` (float64, on the host).
+
+        Plans are cached per (process, schedule); a solver's settings must not change after construction.
+        """
         if not isinstance(schedule, Schedule):
             raise TypeError(f"schedule must be a Schedule, got {type(schedule).__name__}")
+        key = (
+            id(process),
+            schedule.sigmas.tobytes(),
+            None if schedule.timesteps is None else schedule.timesteps.tobytes(),
+        )
+        cached = self._plans.get(key)
+        if cached is not None and cached[0] is process:
+            return cached[1]
+        plan = self._make_plan(process, schedule)
+        if len(self._plans) >= self._PLAN_CACHE_SIZE:
+            del self._plans[next(iter(self._plans))]
+        self._plans[key] = (process, plan)
+        return plan
+
+    def _make_plan(self, process: NoiseProcess, schedule: Schedule) -> SolverPlan:
         schedule.check_range(process)
         eval_sigmas, steps, history_size = self._coefficients(process, schedule.sigmas)
         sigmas = np.concatenate([eval_sigmas, schedule.sigmas[-1:]])
@@ -160,8 +181,10 @@ class Solver(ABC):
         """
         c = plan.steps[index]
         work = compute_dtype(x.dtype)
-        x = x.to(work)
-        x0 = x0.to(work)
+        if x.dtype != work:
+            x = x.to(work)
+        if x0.dtype != work:
+            x0 = x0.to(work)
         if self.x0_transform is not None:
             x0 = self.x0_transform(x0)
         state.push(x0, plan.history_size)

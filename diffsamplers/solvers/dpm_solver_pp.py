@@ -30,7 +30,6 @@ step at order 2).
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Literal
 
 import numpy as np
@@ -42,28 +41,28 @@ from .thresholding import DynamicThresholding
 __all__ = ["DPMSolverPlusPlus"]
 
 
-def _phi_terms(h: float, sde: bool, third_order: str) -> tuple[float, float, float]:
-    """Per α_t: (weight of D0, weight of D1 ≈ h x̂0′, weight of D2 ≈ ½ h² x̂0″) for step size h.
+def _phi_terms(h: np.ndarray, sde: bool, third_order: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per α_t and per step: weights of D0, of D1 ≈ h x̂0′ and of D2 ≈ ½ h² x̂0″ for step sizes h.
 
-    A step to σ = 0 has h = ∞ and is always first order: only the D0 weight (1) is defined.
+    A step to σ = 0 has h = ∞ and is always first order: only its D0 weight (1) is meaningful.
     """
-    if not np.isfinite(h):
-        return 1.0, 0.0, 0.0
-    if sde:
-        em2 = -np.expm1(-2.0 * h)  # 1 − e^{−2h}
-        w1 = em2 / (-2.0 * h) + 1.0
-        if third_order == "reference":
-            w2 = (em2 - 2.0 * h) / (2.0 * h) ** 2 - 0.5
-        else:  # 2 ∫_0^h ½u² e^{−2(h−u)} du · 2/h²
-            w2 = 2.0 * (h * h / 2 - h / 2 + em2 / 4) / h**2
-        return em2, w1, w2
-    em = -np.expm1(-h)  # 1 − e^{−h}
-    w1 = np.expm1(-h) / h + 1.0
-    if third_order == "reference":
-        w2 = -((np.expm1(-h) + h) / h**2 - 0.5)
-    else:  # ∫_0^h ½u² e^{u−h} du · 2/h²
-        w2 = 2.0 * (h * h / 2 - h - np.expm1(-h)) / h**2
-    return em, w1, w2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if sde:
+            em = -np.expm1(-2.0 * h)  # 1 − e^{−2h}
+            w1 = em / (-2.0 * h) + 1.0
+            if third_order == "reference":
+                w2 = (em - 2.0 * h) / (2.0 * h) ** 2 - 0.5
+            else:  # 2 ∫_0^h ½u² e^{−2(h−u)} du · 2/h²
+                w2 = 2.0 * (h * h / 2 - h / 2 + em / 4) / h**2
+        else:
+            em = -np.expm1(-h)  # 1 − e^{−h}
+            w1 = np.expm1(-h) / h + 1.0
+            if third_order == "reference":
+                w2 = -((np.expm1(-h) + h) / h**2 - 0.5)
+            else:  # ∫_0^h ½u² e^{u−h} du · 2/h²
+                w2 = 2.0 * (h * h / 2 - h - np.expm1(-h)) / h**2
+    finite = np.isfinite(h)
+    return em, np.where(finite, w1, 0.0), np.where(finite, w2, 0.0)
 
 
 class DPMSolverPlusPlus(Solver):
@@ -122,34 +121,38 @@ class DPMSolverPlusPlus(Solver):
             orders.append(q)
         return orders
 
-    def _update(self, k: int, q: int, lam: np.ndarray, alpha: np.ndarray, sigma: np.ndarray) -> LinearStep:
-        """Coefficients of the order-q update from point k to k + 1."""
-        h = lam[k + 1] - lam[k]
-        a_t = alpha[k + 1]
-        w0, w1, w2 = _phi_terms(h, self.sde, self.third_order)
-        c_x = sigma[k + 1] / sigma[k] * (np.exp(-h) if self.sde else 1.0)
-        d = np.zeros(3)
-        d[0] = a_t * w0
-        if q >= 2:
-            r0 = (lam[k] - lam[k - 1]) / h
-            delta0 = np.array([1.0, -1.0, 0.0]) / r0  # (D_s − D_{s−1}) / r0
-            if q == 2:
-                weight = 0.5 * a_t * w0 if self.solver_type == "midpoint" else a_t * w1
-                d += weight * delta0
-            else:
-                r1 = (lam[k - 1] - lam[k - 2]) / h
-                delta1 = np.array([0.0, 1.0, -1.0]) / r1
-                d1 = delta0 + r0 / (r0 + r1) * (delta0 - delta1)
-                d2 = (delta0 - delta1) / (r0 + r1)
-                d += a_t * w1 * d1 + a_t * w2 * d2
-        noise = sigma[k + 1] * np.sqrt(-np.expm1(-2.0 * h)) if self.sde else 0.0
-        return LinearStep(x=float(c_x), history=tuple(float(v) for v in d[:q]), noise=float(noise), order=q)
-
     def _coefficients(self, process: NoiseProcess, sigmas: np.ndarray) -> tuple[np.ndarray, list[LinearStep], int]:
         lam, alpha, sigma = marginals(process, sigmas)
-        orders = self.step_orders(sigmas.size - 1, float(sigmas[-1]))
-        steps = []
-        for k, q in enumerate(orders):
-            lower = tuple(self._update(k, m, lam, alpha, sigma) for m in range(1, q))
-            steps.append(replace(self._update(k, q, lam, alpha, sigma), lower=lower))
+        n = sigmas.size - 1
+        h = lam[1:] - lam[:-1]
+        a_t = alpha[1:]
+        w0, w1, w2 = _phi_terms(h, self.sde, self.third_order)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            c_x = sigma[1:] / sigma[:-1] * (np.exp(-h) if self.sde else 1.0)
+            noise = sigma[1:] * np.sqrt(-np.expm1(-2.0 * h)) if self.sde else np.zeros(n)
+            r0 = np.full(n, np.nan)
+            r1 = np.full(n, np.nan)
+            r0[1:] = (lam[1:-1] - lam[:-2]) / h[1:]  # h_{k−1}/h_k
+            r1[2:] = (lam[1:-2] - lam[:-3]) / h[2:]  # h_{k−2}/h_k
+            # Weights of (D_k, D_{k−1}, D_{k−2}) for each order, one row per step.
+            first = np.zeros((n, 3))
+            first[:, 0] = a_t * w0
+            delta0 = np.stack([1 / r0, -1 / r0, np.zeros(n)], axis=1)  # (D_k − D_{k−1})/r0
+            delta1 = np.stack([np.zeros(n), 1 / r1, -1 / r1], axis=1)  # (D_{k−1} − D_{k−2})/r1
+            second_weight = 0.5 * a_t * w0 if self.solver_type == "midpoint" else a_t * w1
+            second = first + second_weight[:, None] * delta0
+            d1 = delta0 + (r0 / (r0 + r1))[:, None] * (delta0 - delta1)
+            d2 = (delta0 - delta1) / (r0 + r1)[:, None]
+            third = first + (a_t * w1)[:, None] * d1 + (a_t * w2)[:, None] * d2
+        table = {1: first, 2: second, 3: third}
+
+        def update(k: int, q: int, lower: tuple[LinearStep, ...] = ()) -> LinearStep:
+            return LinearStep(
+                float(c_x[k]), tuple(float(v) for v in table[q][k, :q]), noise=float(noise[k]), order=q, lower=lower
+            )
+
+        steps = [
+            update(k, q, tuple(update(k, m) for m in range(1, q)))
+            for k, q in enumerate(self.step_orders(n, float(sigmas[-1])))
+        ]
         return np.asarray(sigmas[:-1], dtype=np.float64), steps, self.order

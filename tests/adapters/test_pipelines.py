@@ -145,3 +145,21 @@ def test_stable_diffusion_custom_timesteps_and_sigmas(sd_pipe):
     by_sigmas = _run_sd(sd_pipe, sigmas=ays_sigmas)
     assert torch.isfinite(by_sigmas).all()
     assert float((by_sigmas - by_timesteps).abs().max()) < 0.05 * float(by_timesteps.abs().max())
+
+
+def test_our_loop_with_classifier_free_guidance_reproduces_stable_diffusion(sd_pipe):
+    """diffsamplers.sample on the pipeline's UNet2DConditionModel (CFG in one batched call) equals the pipeline."""
+    config = sd_pipe.original_scheduler_config
+    sd_pipe.scheduler = DPMSolverPlusPlusScheduler.from_config(config)
+    piped = _run_sd(sd_pipe, num_inference_steps=6)
+    with torch.no_grad():
+        cond, uncond = sd_pipe.encode_prompt("a photo of a digit", "cpu", 1, True)
+        x_T = torch.randn((1, 4, 16, 16), generator=torch.Generator().manual_seed(0))
+        full = dict(sd_pipe.scheduler.config)
+        process = noise_process_from_config(full)
+        ours = sample(
+            Denoiser(sd_pipe.unet, process, "epsilon", guidance_scale=6.0), DPMSolverPlusPlus(2),
+            schedule_from_scheduler_config(process, full, 6), x_T=x_T, cond={"encoder_hidden_states": cond},
+            uncond={"encoder_hidden_states": uncond}, progress=False,
+        )
+    assert torch.allclose(ours, piped, atol=1e-4), float((ours - piped).abs().max())
