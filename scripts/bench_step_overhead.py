@@ -52,13 +52,16 @@ def _our_loop(order: int = 2, check_finite: bool = True) -> Callable[[torch.Tens
     schedule = diffusers_spacing(process, STEPS)
 
     def run(latents: torch.Tensor) -> torch.Tensor:
-        return sample(denoiser, solver, schedule, x_T=latents, dtype=torch.float32, progress=False,
-                      check_finite=check_finite).to(latents.dtype)
+        return sample(
+            denoiser, solver, schedule, x_T=latents, dtype=torch.float32, progress=False, check_finite=check_finite
+        ).to(latents.dtype)
 
     return run
 
 
-def _time_all(loops: dict[str, Callable[[torch.Tensor], torch.Tensor]], latents: torch.Tensor, repeats: int) -> dict[str, float]:
+def _time_all(
+    loops: dict[str, Callable[[torch.Tensor], torch.Tensor]], latents: torch.Tensor, repeats: int
+) -> dict[str, float]:
     """Median ms per step of each loop; the loops take turns so that machine noise hits all alike."""
     sync = torch.cuda.synchronize if latents.device.type == "cuda" else (lambda: None)
     for fn in loops.values():
@@ -142,8 +145,13 @@ def main() -> None:
                 line += f"{row['cuda_syncs_per_run']:>16d}"
             print(line)
             rows.append(row)
-    meta = {"torch": torch.__version__, "diffusers": diffusers.__version__, "diffsamplers": diffsamplers.__version__,
-            "steps": STEPS, "repeats": args.repeats}
+    meta = {
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "diffsamplers": diffsamplers.__version__,
+        "steps": STEPS,
+        "repeats": args.repeats,
+    }
     print(f"\n{json.dumps(meta)}")
     if args.json:
         with open(args.json, "w") as f:

@@ -36,7 +36,9 @@ def test_compare_default_run(default_compare, capsys):
     # Same grid, same algorithm: our 2M and 3M (reference form) equal diffusers' to 3 digits.
     for nfe in map(str, report["nfe"]):
         assert by_name["DPM-Solver++ 2M"][nfe] == pytest.approx(by_name["diffusers DPM-Solver++ 2M"][nfe], rel=1e-3)
-        assert by_name["DPM-Solver++ 3M (reference)"][nfe] == pytest.approx(by_name["diffusers DPM-Solver++ 3M"][nfe], rel=1e-3)
+        assert by_name["DPM-Solver++ 3M (reference)"][nfe] == pytest.approx(
+            by_name["diffusers DPM-Solver++ 3M"][nfe], rel=1e-3
+        )
     # Errors fall with NFE, and a uniform-logSNR grid beats diffusers' linspace grid from 10 NFE on.
     assert by_name["DPM-Solver++ 2M"]["50"] < by_name["DPM-Solver++ 2M"]["5"] / 3
     for nfe in ("10", "15", "20", "50"):
@@ -69,9 +71,21 @@ def test_console_script_is_installed():
 def test_bench_step_overhead_script_runs(tmp_path):
     out = tmp_path / "bench.json"
     result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "bench_step_overhead.py"), "--device", "cpu", "--batch", "1",
-         "--repeats", "1", "--json", str(out)],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "bench_step_overhead.py"),
+            "--device",
+            "cpu",
+            "--batch",
+            "1",
+            "--repeats",
+            "1",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]

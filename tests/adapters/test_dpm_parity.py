@@ -24,6 +24,7 @@ ALGORITHMS = {
     "2M": {},
     "3M": {"solver_order": 3},
     "SDE-2M": {"algorithm_type": "sde-dpmsolver++"},
+    "SDE-3M": {"algorithm_type": "sde-dpmsolver++", "solver_order": 3},
 }
 
 
@@ -66,15 +67,20 @@ def test_full_loop_parity(algorithm, prediction_type, final, steps):
             return
         # diffusers' default 1000-step grid repeats a timestep and returns NaN; ours is the full grid 999..0,
         # which diffusers reproduces when given it explicitly.
-        assert torch.isnan(scheduler_loop(DPMSolverMultistepScheduler(**config), x_T, model, noise, num_inference_steps=1000)).any()
+        assert torch.isnan(
+            scheduler_loop(DPMSolverMultistepScheduler(**config), x_T, model, noise, num_inference_steps=1000)
+        ).any()
         theirs = scheduler_loop(theirs_sched, x_T, model, noise, timesteps=list(range(999, -1, -1)))
     else:
         theirs = scheduler_loop(theirs_sched, x_T, model, noise, num_inference_steps=steps)
     ours = scheduler_loop(ours_sched, x_T, model, noise, num_inference_steps=steps)
     assert torch.isfinite(ours).all()
     exact = scheduler_loop(
-        DPMSolverPlusPlusScheduler(**config), x_T.double(), _model(config, torch.float64),
-        None if noise is None else noise.double(), num_inference_steps=steps,
+        DPMSolverPlusPlusScheduler(**config),
+        x_T.double(),
+        _model(config, torch.float64),
+        None if noise is None else noise.double(),
+        num_inference_steps=steps,
     )
     assert_parity(ours, theirs, exact)
 
@@ -93,8 +99,13 @@ def test_full_loop_parity(algorithm, prediction_type, final, steps):
         dict(lower_order_final=False, final_sigmas_type="sigma_min"),
         dict(thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=1.5, prediction_type="sample"),
         dict(beta_schedule="squaredcos_cap_v2", lambda_min_clipped=-5.1),
-        dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type="v_prediction",
-             rescale_betas_zero_snr=True),
+        dict(
+            beta_schedule="scaled_linear",
+            beta_start=0.00085,
+            beta_end=0.012,
+            prediction_type="v_prediction",
+            rescale_betas_zero_snr=True,
+        ),
         dict(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=3.0),
         dict(algorithm_type="sde-dpmsolver++", solver_type="heun", final_sigmas_type="sigma_min"),
     ],
@@ -108,8 +119,13 @@ def test_config_variants_parity(config, steps):
     model = _model(config)
     theirs = scheduler_loop(DPMSolverMultistepScheduler(**config), x_T, model, noise, num_inference_steps=steps)
     ours = scheduler_loop(DPMSolverPlusPlusScheduler(**config), x_T, model, noise, num_inference_steps=steps)
-    exact = scheduler_loop(DPMSolverPlusPlusScheduler(**config), x_T.double(), _model(config, torch.float64),
-                           None if noise is None else noise.double(), num_inference_steps=steps)
+    exact = scheduler_loop(
+        DPMSolverPlusPlusScheduler(**config),
+        x_T.double(),
+        _model(config, torch.float64),
+        None if noise is None else noise.double(),
+        num_inference_steps=steps,
+    )
     assert_parity(ours, theirs, exact)
 
 

@@ -27,8 +27,13 @@ from diffsamplers.schedules.diffusers_compat import schedule_from_scheduler_conf
 def _tiny_unet() -> UNet2DModel:
     torch.manual_seed(0)
     return UNet2DModel(
-        sample_size=16, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(16, 32),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        sample_size=16,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=1,
+        block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
         norm_num_groups=8,
     ).eval()
 
@@ -43,7 +48,9 @@ def test_ddpm_pipeline_drop_in(ddpm_pipe, steps):
     images = {}
     for cls in (DPMSolverMultistepScheduler, DPMSolverPlusPlusScheduler):
         ddpm_pipe.scheduler = cls.from_config(ddpm_pipe.scheduler.config)
-        out = ddpm_pipe(batch_size=2, num_inference_steps=steps, generator=torch.Generator().manual_seed(0), output_type="np")
+        out = ddpm_pipe(
+            batch_size=2, num_inference_steps=steps, generator=torch.Generator().manual_seed(0), output_type="np"
+        )
         images[cls.__name__] = torch.from_numpy(out.images)
     assert images["DPMSolverPlusPlusScheduler"].shape == (2, 16, 16, 3)
     assert torch.allclose(images["DPMSolverPlusPlusScheduler"], images["DPMSolverMultistepScheduler"], atol=1e-5)
@@ -52,13 +59,17 @@ def test_ddpm_pipeline_drop_in(ddpm_pipe, steps):
 def test_our_loop_reproduces_the_pipeline(ddpm_pipe):
     """diffsamplers.sample on the pipeline's UNet equals the pipeline run with our scheduler."""
     ddpm_pipe.scheduler = DPMSolverPlusPlusScheduler.from_config(ddpm_pipe.scheduler.config)
-    piped = ddpm_pipe(batch_size=2, num_inference_steps=8, generator=torch.Generator().manual_seed(3), output_type="np").images
+    piped = ddpm_pipe(
+        batch_size=2, num_inference_steps=8, generator=torch.Generator().manual_seed(3), output_type="np"
+    ).images
     config = dict(ddpm_pipe.scheduler.config)
     process = noise_process_from_config(config)
     x_T = torch.randn((2, 3, 16, 16), generator=torch.Generator().manual_seed(3))
     schedule = schedule_from_scheduler_config(process, config, 8)
     with torch.no_grad():
-        ours = sample(Denoiser(ddpm_pipe.unet, process, "epsilon"), DPMSolverPlusPlus(2), schedule, x_T=x_T, progress=False)
+        ours = sample(
+            Denoiser(ddpm_pipe.unet, process, "epsilon"), DPMSolverPlusPlus(2), schedule, x_T=x_T, progress=False
+        )
     ours = (ours / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
     assert torch.allclose(ours, torch.from_numpy(piped), atol=1e-5)
 
@@ -66,7 +77,9 @@ def test_our_loop_reproduces_the_pipeline(ddpm_pipe):
 def _clip_tokenizer(tmp_path):
     from transformers import CLIPTokenizer
 
-    byte_chars = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    byte_chars = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars, extra = byte_chars[:], 0
     for b in range(256):
         if b not in byte_chars:
@@ -89,24 +102,50 @@ def sd_pipe(tmp_path_factory):
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32, norm_num_groups=8,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        norm_num_groups=8,
     )
     vae = AutoencoderKL(
-        block_out_channels=[16, 32], in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
-        up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=4, norm_num_groups=8,
+        block_out_channels=[16, 32],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2,
+        latent_channels=4,
+        norm_num_groups=8,
     )
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        bos_token_id=0, eos_token_id=2, hidden_size=32, intermediate_size=37, layer_norm_eps=1e-5,
-        num_attention_heads=4, num_hidden_layers=2, pad_token_id=1, vocab_size=600,
-    ))
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            bos_token_id=0,
+            eos_token_id=2,
+            hidden_size=32,
+            intermediate_size=37,
+            layer_norm_eps=1e-5,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            pad_token_id=1,
+            vocab_size=600,
+        )
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False
+    )
     pipe = StableDiffusionPipeline(
-        unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(),
-        tokenizer=_clip_tokenizer(tmp_path_factory.mktemp("tok")), scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        unet=unet.eval(),
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=_clip_tokenizer(tmp_path_factory.mktemp("tok")),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
     pipe.original_scheduler_config = scheduler.config
@@ -114,13 +153,23 @@ def sd_pipe(tmp_path_factory):
 
 
 def _run_sd(pipe, **kwargs):
-    out = pipe("a photo of a digit", height=32, width=32, guidance_scale=6.0, output_type="latent",
-               generator=torch.Generator().manual_seed(0), **kwargs)
+    out = pipe(
+        "a photo of a digit",
+        height=32,
+        width=32,
+        guidance_scale=6.0,
+        output_type="latent",
+        generator=torch.Generator().manual_seed(0),
+        **kwargs,
+    )
     return out.images
 
 
-@pytest.mark.parametrize("config", [{}, {"solver_order": 3}, {"use_karras_sigmas": True}, {"algorithm_type": "sde-dpmsolver++"}],
-                         ids=lambda c: ",".join(c) or "default")
+@pytest.mark.parametrize(
+    "config",
+    [{}, {"solver_order": 3}, {"use_karras_sigmas": True}, {"algorithm_type": "sde-dpmsolver++"}],
+    ids=lambda c: ",".join(c) or "default",
+)
 def test_stable_diffusion_drop_in(sd_pipe, config):
     latents = {}
     for cls in (DPMSolverMultistepScheduler, DPMSolverPlusPlusScheduler):
@@ -158,8 +207,12 @@ def test_our_loop_with_classifier_free_guidance_reproduces_stable_diffusion(sd_p
         full = dict(sd_pipe.scheduler.config)
         process = noise_process_from_config(full)
         ours = sample(
-            Denoiser(sd_pipe.unet, process, "epsilon", guidance_scale=6.0), DPMSolverPlusPlus(2),
-            schedule_from_scheduler_config(process, full, 6), x_T=x_T, cond={"encoder_hidden_states": cond},
-            uncond={"encoder_hidden_states": uncond}, progress=False,
+            Denoiser(sd_pipe.unet, process, "epsilon", guidance_scale=6.0),
+            DPMSolverPlusPlus(2),
+            schedule_from_scheduler_config(process, full, 6),
+            x_T=x_T,
+            cond={"encoder_hidden_states": cond},
+            uncond={"encoder_hidden_states": uncond},
+            progress=False,
         )
     assert torch.allclose(ours, piped, atol=1e-4), float((ours - piped).abs().max())

@@ -20,8 +20,14 @@ from diffsamplers import DPMSolverPlusPlusScheduler, NonFiniteError
 from diffsamplers.diagnostics import HostReadCounter
 from tests.helpers import scheduler_loop
 
-SD_PNDM = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
-               set_alpha_to_one=False, steps_offset=1)
+SD_PNDM = dict(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    skip_prk_steps=True,
+    set_alpha_to_one=False,
+    steps_offset=1,
+)
 
 
 def _dummy(x, t):
@@ -29,15 +35,21 @@ def _dummy(x, t):
 
 
 def test_save_load_round_trip(tmp_path):
-    sched = DPMSolverPlusPlusScheduler(solver_order=3, prediction_type="v_prediction", use_karras_sigmas=True,
-                                       trained_betas=np.linspace(1e-4, 0.02, 1000).tolist())
+    sched = DPMSolverPlusPlusScheduler(
+        solver_order=3,
+        prediction_type="v_prediction",
+        use_karras_sigmas=True,
+        trained_betas=np.linspace(1e-4, 0.02, 1000).tolist(),
+    )
     sched.save_pretrained(tmp_path)
     loaded = DPMSolverPlusPlusScheduler.from_pretrained(tmp_path)
     strip = lambda c: {k: v for k, v in c.items() if k != "_use_default_values"}  # noqa: E731
     assert strip(loaded.config) == strip(sched.config)
     x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(scheduler_loop(sched, x, _dummy, num_inference_steps=7),
-                       scheduler_loop(loaded, x, _dummy, num_inference_steps=7))
+    assert torch.equal(
+        scheduler_loop(sched, x, _dummy, num_inference_steps=7),
+        scheduler_loop(loaded, x, _dummy, num_inference_steps=7),
+    )
     json.loads((tmp_path / "scheduler_config.json").read_text())
 
 
@@ -58,8 +70,15 @@ def test_step_after_reload_with_history_is_identical(tmp_path):
 
 @pytest.mark.parametrize(
     "other",
-    [DPMSolverMultistepScheduler, UniPCMultistepScheduler, EulerDiscreteScheduler, DDIMScheduler, DEISMultistepScheduler,
-     DPMSolverSinglestepScheduler, DDPMScheduler],
+    [
+        DPMSolverMultistepScheduler,
+        UniPCMultistepScheduler,
+        EulerDiscreteScheduler,
+        DDIMScheduler,
+        DEISMultistepScheduler,
+        DPMSolverSinglestepScheduler,
+        DDPMScheduler,
+    ],
     ids=lambda c: c.__name__,
 )
 def test_switching_to_and_from_diffusers_schedulers(other):
@@ -134,8 +153,10 @@ def test_custom_timesteps_equal_the_default_loop():
         a.set_timesteps(10)
         ts = a.timesteps.tolist()
         x = torch.randn(2, 3, 8, 8)
-        assert torch.equal(scheduler_loop(a, x, _dummy, num_inference_steps=10),
-                           scheduler_loop(DPMSolverPlusPlusScheduler(final_sigmas_type=final), x, _dummy, timesteps=ts))
+        assert torch.equal(
+            scheduler_loop(a, x, _dummy, num_inference_steps=10),
+            scheduler_loop(DPMSolverPlusPlusScheduler(final_sigmas_type=final), x, _dummy, timesteps=ts),
+        )
 
 
 def test_custom_sigmas_are_used_exactly():
@@ -168,7 +189,10 @@ def test_add_noise():
     with HostReadCounter() as counter:
         noisy = fresh.add_noise(x0, eps, torch.tensor([10.5, 11.0, 12.0, 998.0]))
     assert counter.total == 0
-    lo, hi = ddpm.add_noise(x0, eps, torch.tensor([10, 11, 12, 998]))[:1], ddpm.add_noise(x0, eps, torch.tensor([11, 11, 12, 998]))[:1]
+    lo, hi = (
+        ddpm.add_noise(x0, eps, torch.tensor([10, 11, 12, 998]))[:1],
+        ddpm.add_noise(x0, eps, torch.tensor([11, 11, 12, 998]))[:1],
+    )
     assert torch.all((noisy[:1] - lo) * (noisy[:1] - hi) <= 1e-6)
 
 
@@ -249,7 +273,9 @@ def test_bad_calls(make, error, message):
 def test_bad_step_inputs():
     sched = DPMSolverPlusPlusScheduler()
     sched.set_timesteps(2)
-    with pytest.raises(ValueError, match=r"model_output shape \(1, 2, 4, 4\) does not match sample shape \(1, 3, 4, 4\)"):
+    with pytest.raises(
+        ValueError, match=r"model_output shape \(1, 2, 4, 4\) does not match sample shape \(1, 3, 4, 4\)"
+    ):
         sched.step(torch.zeros(1, 2, 4, 4), sched.timesteps[0], torch.zeros(1, 3, 4, 4))
     x = torch.zeros(1, 3, 4, 4)
     for t in sched.timesteps:
@@ -270,7 +296,11 @@ def test_bad_step_inputs():
         (dict(final_sigmas_type="none"), ValueError, "final_sigmas_type must be"),
         (dict(beta_schedule="sigmoid"), ValueError, "unknown beta_schedule 'sigmoid'"),
         (dict(third_order="exact"), ValueError, "unknown third_order form 'exact'"),
-        (dict(trained_betas=torch.linspace(1e-4, 0.02, 1000)), TypeError, "trained_betas=Tensor is not JSON-serialisable"),
+        (
+            dict(trained_betas=torch.linspace(1e-4, 0.02, 1000)),
+            TypeError,
+            "trained_betas=Tensor is not JSON-serialisable",
+        ),
         (dict(steps_offset=object()), TypeError, "steps_offset=object is not JSON-serialisable"),
     ],
 )

@@ -190,3 +190,37 @@ def test_diffusers_dpm_solver_does_read_back():
 def test_plan_is_float64_and_ignores_device_values():
     plan = DPMSolverPlusPlus(2).plan(PROCESS, uniform_logsnr(PROCESS, 8))
     assert plan.sigmas.dtype == np.float64 and plan.alpha_t.dtype == np.float64
+
+
+@pytest.mark.parametrize("sde", [False, True], ids=["ode", "sde"])
+def test_third_order_forms_on_a_quadratic_prediction(sde):
+    """With x̂0 exactly quadratic in λ the Taylor 3M update is exact; the reference forms are not.
+
+    The deterministic part of one update is compared with the exact integral (SciPy quad): for the ODE,
+    x_t = (σ_t/σ_s) x_s + α_t ∫_0^h e^{u−h} x̂0(λ_s + u) du; for the SDE's mean,
+    (σ_t/σ_s) e^{−h} x_s + 2 α_t ∫_0^h e^{−2(h−u)} x̂0(λ_s + u) du.
+    """
+    from scipy.integrate import quad
+
+    sched = uniform_logsnr(PROCESS, 40, final="sigma_min")
+    f = lambda lam: 0.3 + 0.2 * lam + 0.05 * lam * lam  # noqa: E731
+    errors = {}
+    for form in ("taylor", "reference"):
+        plan = DPMSolverPlusPlus(3, sde=sde, third_order=form).plan(PROCESS, sched)
+        lam, k, x = -np.log(plan.sigmas), 20, 0.7
+        step = plan.steps[k]
+        update = step.x * x + sum(c * f(lam[k - j]) for j, c in enumerate(step.history))
+        h = lam[k + 1] - lam[k]
+        if sde:
+            integral = 2 * quad(lambda u, h=h, s=lam[k]: math.exp(-2 * (h - u)) * f(s + u), 0, h, epsabs=1e-15)[0]
+            exact = plan.sigma_t[k + 1] / plan.sigma_t[k] * math.exp(-h) * x + plan.alpha_t[k + 1] * integral
+        else:
+            integral = quad(lambda u, h=h, s=lam[k]: math.exp(u - h) * f(s + u), 0, h, epsabs=1e-15)[0]
+            exact = plan.sigma_t[k + 1] / plan.sigma_t[k] * x + plan.alpha_t[k + 1] * integral
+        errors[form] = abs(update - exact)
+        second_order_term = plan.alpha_t[k + 1] * 0.05 * h * h / 2  # size of the ½ x̂0″ h² contribution
+    assert errors["taylor"] < 1e-12
+    if sde:  # diffusers' SDE weight is off by α_t·D2: an O(h²) error as large as the term itself
+        assert errors["reference"] > 0.5 * second_order_term
+    else:  # the official/diffusers ODE weight is half the Taylor one: an O(h³) error
+        assert 1e-3 * second_order_term < errors["reference"] < 0.1 * second_order_term
