@@ -157,8 +157,8 @@ class Denoiser:
         guidance_scale: float | None = None,
     ) -> torch.Tensor:
         """The noise prediction ε̂ = (x − α x̂0)/σ at process time ``t``."""
-        alpha, sigma, timestep = self._coefficients(x, t)
-        x0 = self.predict_x0(x, timestep, alpha, sigma, cond=cond, uncond=uncond, guidance_scale=guidance_scale)
+        x0 = self(x, t, cond=cond, uncond=uncond, guidance_scale=guidance_scale)
+        alpha, sigma, _ = self._coefficients(x, t)
         return from_x0(x0, x.to(x0.dtype), alpha, sigma, "epsilon")
 
     def _coefficients(self, x: torch.Tensor, t: float | np.ndarray) -> tuple[Any, Any, Any]:

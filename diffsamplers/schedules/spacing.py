@@ -89,22 +89,16 @@ def uniform_time(
     return _finish(process.sigma_tilde(ts), final, spacing="uniform_time")
 
 
-def _geometric(sigma_max: float, sigma_min: float, size: int) -> np.ndarray:
-    return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), size))
-
-
-def uniform_logsnr(
-    process: NoiseProcess,
-    num_steps: int,
-    final: Final = "zero",
-    sigma_max: float | None = None,
-    sigma_min: float | None = None,
-) -> Schedule:
-    """Grid uniform in λ = −log σ̃ (Lu et al. 2022, DPM-Solver, Sec. 3.3 "logSNR" step sizes)."""
+def _bounds(
+    process: NoiseProcess, num_steps: int, final: str, sigma_max: float | None, sigma_min: float | None
+) -> tuple[int, int, float, float]:
+    """(steps, grid points, σ̃_max, σ̃_min) for a builder, validating the step count."""
     n = check_num_steps(num_steps, process, extra_levels=int(final == "sigma_min"))
     hi = process.sigma_max if sigma_max is None else float(sigma_max)
     lo = process.sigma_min if sigma_min is None else float(sigma_min)
-    return _finish(_geometric(hi, lo, _grid_size(n, final)), final, spacing="uniform_logsnr")
+    if not 0 < lo < hi:
+        raise ValueError(f"need 0 < sigma_min < sigma_max, got {lo} and {hi}")
+    return n, _grid_size(n, final), hi, lo
 
 
 def exponential(
@@ -114,11 +108,25 @@ def exponential(
     sigma_max: float | None = None,
     sigma_min: float | None = None,
 ) -> Schedule:
-    """Geometric σ̃ between the bounds; the same grid as :func:`uniform_logsnr`, with diffusers' default ending."""
-    n = check_num_steps(num_steps, process, extra_levels=int(final == "sigma_min"))
-    hi = process.sigma_max if sigma_max is None else float(sigma_max)
-    lo = process.sigma_min if sigma_min is None else float(sigma_min)
-    return _finish(_geometric(hi, lo, _grid_size(n, final)), final, spacing="exponential")
+    """Geometric σ̃ between the bounds (diffusers' ``use_exponential_sigmas``); uniform in λ = −log σ̃."""
+    _, size, hi, lo = _bounds(process, num_steps, final, sigma_max, sigma_min)
+    grid = np.exp(np.linspace(math.log(hi), math.log(lo), size))
+    return _finish(grid, final, spacing="exponential")
+
+
+def uniform_logsnr(
+    process: NoiseProcess,
+    num_steps: int,
+    final: Final = "zero",
+    sigma_max: float | None = None,
+    sigma_min: float | None = None,
+) -> Schedule:
+    """Grid uniform in λ = −log σ̃ (Lu et al. 2022, DPM-Solver, Sec. 3.3 "logSNR" step sizes).
+
+    The same grid as :func:`exponential`, ending by default at σ̃ = 0 in place of the last point.
+    """
+    sched = exponential(process, num_steps, final, sigma_max, sigma_min)
+    return Schedule(sched.sigmas, metadata={**sched.metadata, "spacing": "uniform_logsnr"})
 
 
 def karras(
@@ -130,12 +138,10 @@ def karras(
     sigma_min: float | None = None,
 ) -> Schedule:
     """Karras et al. 2022, Eq. 5 ("EDM" ρ-schedule), ρ = 7 by default."""
-    n = check_num_steps(num_steps, process, extra_levels=int(final == "sigma_min"))
     if rho <= 0:
         raise ValueError(f"rho must be positive, got {rho}")
-    hi = process.sigma_max if sigma_max is None else float(sigma_max)
-    lo = process.sigma_min if sigma_min is None else float(sigma_min)
-    ramp = np.linspace(0.0, 1.0, _grid_size(n, final))
+    _, size, hi, lo = _bounds(process, num_steps, final, sigma_max, sigma_min)
+    ramp = np.linspace(0.0, 1.0, size)
     grid = (hi ** (1 / rho) + ramp * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
     return _finish(grid, final, spacing="karras", rho=rho)
 
@@ -152,10 +158,8 @@ def beta(
     """Lee et al. 2024, "Beta Sampling is All You Need": σ̃ placed at Beta(a, b) quantiles between the bounds."""
     import scipy.stats
 
-    n = check_num_steps(num_steps, process, extra_levels=int(final == "sigma_min"))
-    hi = process.sigma_max if sigma_max is None else float(sigma_max)
-    lo = process.sigma_min if sigma_min is None else float(sigma_min)
-    q = 1.0 - np.linspace(0.0, 1.0, _grid_size(n, final))
+    _, size, hi, lo = _bounds(process, num_steps, final, sigma_max, sigma_min)
+    q = 1.0 - np.linspace(0.0, 1.0, size)
     grid = lo + scipy.stats.beta.ppf(q, a, b) * (hi - lo)
     return _finish(grid, final, spacing="beta", a=a, b=b)
 

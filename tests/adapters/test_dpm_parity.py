@@ -35,6 +35,19 @@ def _model(config, dtype=torch.float32):
     return lambda x, t: net(x.float(), t).sample.to(dtype)
 
 
+def _ours_and_float64(config, x_T, noise, steps):
+    """Our float32 loop, and the same loop with float64 scheduler arithmetic."""
+    ours = scheduler_loop(DPMSolverPlusPlusScheduler(**config), x_T, _model(config), noise, num_inference_steps=steps)
+    exact = scheduler_loop(
+        DPMSolverPlusPlusScheduler(**config),
+        x_T.double(),
+        _model(config, torch.float64),
+        None if noise is None else noise.double(),
+        num_inference_steps=steps,
+    )
+    return ours, exact
+
+
 def assert_parity(ours, theirs, exact):
     delta = float((ours - theirs).abs().max())
     if delta <= TOL:
@@ -55,7 +68,7 @@ def test_full_loop_parity(algorithm, prediction_type, final, steps):
     x_T = torch.randn(4, *GMM.sample_shape, generator=g)
     noise = torch.randn(steps, 4, *GMM.sample_shape, generator=g) if algorithm.startswith("SDE") else None
     model = _model(config)
-    ours_sched = DPMSolverPlusPlusScheduler(**config)
+    ours_sched = DPMSolverPlusPlusScheduler(**config)  # only for the 1000-step refusal below
     theirs_sched = DPMSolverMultistepScheduler(**config)
     if steps == 1000:
         if final == "sigma_min":
@@ -73,15 +86,8 @@ def test_full_loop_parity(algorithm, prediction_type, final, steps):
         theirs = scheduler_loop(theirs_sched, x_T, model, noise, timesteps=list(range(999, -1, -1)))
     else:
         theirs = scheduler_loop(theirs_sched, x_T, model, noise, num_inference_steps=steps)
-    ours = scheduler_loop(ours_sched, x_T, model, noise, num_inference_steps=steps)
+    ours, exact = _ours_and_float64(config, x_T, noise, steps)
     assert torch.isfinite(ours).all()
-    exact = scheduler_loop(
-        DPMSolverPlusPlusScheduler(**config),
-        x_T.double(),
-        _model(config, torch.float64),
-        None if noise is None else noise.double(),
-        num_inference_steps=steps,
-    )
     assert_parity(ours, theirs, exact)
 
 
@@ -116,16 +122,10 @@ def test_config_variants_parity(config, steps):
     g = torch.Generator().manual_seed(0)
     x_T = torch.randn(4, *GMM.sample_shape, generator=g)
     noise = torch.randn(steps, 4, *GMM.sample_shape, generator=g) if "sde" in config.get("algorithm_type", "") else None
-    model = _model(config)
-    theirs = scheduler_loop(DPMSolverMultistepScheduler(**config), x_T, model, noise, num_inference_steps=steps)
-    ours = scheduler_loop(DPMSolverPlusPlusScheduler(**config), x_T, model, noise, num_inference_steps=steps)
-    exact = scheduler_loop(
-        DPMSolverPlusPlusScheduler(**config),
-        x_T.double(),
-        _model(config, torch.float64),
-        None if noise is None else noise.double(),
-        num_inference_steps=steps,
+    theirs = scheduler_loop(
+        DPMSolverMultistepScheduler(**config), x_T, _model(config), noise, num_inference_steps=steps
     )
+    ours, exact = _ours_and_float64(config, x_T, noise, steps)
     assert_parity(ours, theirs, exact)
 
 
