@@ -224,3 +224,19 @@ def test_third_order_forms_on_a_quadratic_prediction(sde):
         assert errors["reference"] > 0.5 * second_order_term
     else:  # the official/diffusers ODE weight is half the Taylor one: an O(h³) error
         assert 1e-3 * second_order_term < errors["reference"] < 0.1 * second_order_term
+
+
+@pytest.mark.gpu
+def test_no_cuda_synchronisation_in_the_loop():
+    """On a GPU: zero synchronising calls per 25-step loop (one, after the last step, with the NaN check)."""
+    from diffsamplers.diagnostics import count_cuda_syncs
+
+    den = Denoiser(_Linear(), PROCESS, "epsilon")
+    x_T = torch.randn(4, 4, 64, 64, device="cuda")
+    for solver in (DPMSolverPlusPlus(2), DPMSolverPlusPlus(3), DPMSolverPlusPlus(2, sde=True)):
+        gen = torch.Generator("cuda").manual_seed(0)
+        run = lambda: sample(den, solver, 25, x_T=x_T, generator=gen, progress=False, check_finite=False)  # noqa: B023, E731
+        run()  # warm up (plan, allocator)
+        assert count_cuda_syncs(run)[1] == 0
+        checked = lambda: sample(den, solver, 25, x_T=x_T, generator=gen, progress=False)  # noqa: B023, E731
+        assert count_cuda_syncs(checked)[1] <= 1
