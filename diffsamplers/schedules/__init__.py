@@ -1,5 +1,14 @@
 """Step schedules: which noise levels σ̃ to visit (float64 data on the host)."""
 
+from .align_your_steps import (
+    AYS_MODELS,
+    align_your_steps,
+    ays_noise_levels,
+    ays_sigmas_for_diffusers,
+    ays_timesteps_for_diffusers,
+    loglinear_interpolation,
+    schedule_from_levels,
+)
 from .schedule import FINAL_CONVENTIONS, Schedule
 from .spacing import (
     SPACINGS,
@@ -16,6 +25,13 @@ from .spacing import (
 )
 
 __all__ = [
+    "AYS_MODELS",
+    "align_your_steps",
+    "ays_noise_levels",
+    "ays_sigmas_for_diffusers",
+    "ays_timesteps_for_diffusers",
+    "loglinear_interpolation",
+    "schedule_from_levels",
     "FINAL_CONVENTIONS",
     "SPACINGS",
     "Schedule",
