@@ -8,7 +8,14 @@ from .noise import ContinuousVP, DiscreteVP, NoiseProcess, RectifiedFlow, Varian
 from .rng import NoiseSource
 from .sampling import NonFiniteError, StepInfo, sample
 from .schedules import Schedule
-from .solvers import DDIM, DPMSolverPlusPlus, DPMSolverPlusPlusSinglestep, DynamicThresholding, Euler
+from .solvers import (
+    DDIM,
+    DPMSolverPlusPlus,
+    DPMSolverPlusPlusSinglestep,
+    DynamicThresholding,
+    Euler,
+    ExposureBiasTimeShift,
+)
 
 __version__ = "0.1.0"
 
@@ -22,6 +29,7 @@ __all__ = [
     "DiscreteVP",
     "DynamicThresholding",
     "Euler",
+    "ExposureBiasTimeShift",
     "NoiseProcess",
     "NoiseSource",
     "NonFiniteError",

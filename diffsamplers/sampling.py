@@ -80,11 +80,14 @@ def run_plan(
     state = solver.init_state()
     sums = torch.empty((plan.num_evals, x.shape[0]), dtype=x.dtype, device=device) if check_finite else None
     for k in range(plan.num_evals):
+        # A solver that moves samples off the grid (per-sample time shift) gives per-sample values here.
+        point = solver.evaluation_point(plan, state, k)
+        t_k, alpha_k, sigma_k = (timesteps[k], alphas[k], sigmas[k]) if point is None else point
         x0 = denoiser.predict_x0(
             x,
-            timesteps[k],
-            alphas[k],
-            sigmas[k],
+            t_k,
+            alpha_k,
+            sigma_k,
             cond=cond,
             uncond=uncond,
             guidance_scale=guidance_scale,

@@ -5,6 +5,7 @@ from .ddim import DDIM
 from .dpm_solver_pp import DPMSolverPlusPlus
 from .dpm_solver_pp_singlestep import DPMSolverPlusPlusSinglestep
 from .euler import Euler
+from .exposure_bias_time_shift import ExposureBiasTimeShift
 from .thresholding import DynamicThresholding
 
 __all__ = [
@@ -13,6 +14,7 @@ __all__ = [
     "DPMSolverPlusPlusSinglestep",
     "DynamicThresholding",
     "Euler",
+    "ExposureBiasTimeShift",
     "LinearStep",
     "Solver",
     "SolverPlan",

@@ -15,8 +15,9 @@ anchor sample) is explicit and can be re-indexed along the batch, which particle
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,7 +26,7 @@ from ..denoiser import compute_dtype
 from ..noise import NoiseProcess
 from ..schedules.schedule import Schedule
 
-__all__ = ["LinearStep", "SolverPlan", "SolverState", "Solver", "marginals"]
+__all__ = ["LinearStep", "LocalCoefficients", "SolverPlan", "SolverState", "Solver", "marginals"]
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,10 @@ class LinearStep:
     save_anchor: bool = False
     order: int = 1
     lower: tuple[LinearStep, ...] = ()
+
+
+#: (c_x, history weights newest first, noise weight) of one update, as arrays of any namespace.
+LocalCoefficients = tuple[Any, tuple[Any, ...], Any]
 
 
 @dataclass(frozen=True)
@@ -160,6 +165,33 @@ class Solver(ABC):
     @abstractmethod
     def _coefficients(self, process: NoiseProcess, sigmas: np.ndarray) -> tuple[np.ndarray, list[LinearStep], int]:
         """(σ̃ at the evaluation points, one :class:`LinearStep` per evaluation, history length)."""
+
+    # -- per-sample grids (optional) --------------------------------------------------------------
+    def local_coefficients(
+        self, xp: Any, order: int, lam: Sequence[Any], alpha: Sequence[Any], sigma: Sequence[Any]
+    ) -> LocalCoefficients:
+        """The update's coefficients from the points it involves, for arrays of namespace ``xp``.
+
+        ``lam``, ``alpha`` and ``sigma`` hold λ, α, σ at the target point first, then the current point, then
+        earlier evaluation points (as many as ``order`` needs); entries are NumPy arrays (the host plan,
+        vectorised over steps) or torch tensors (one value per sample, on the device). Returns
+        ``(c_x, (c_0, c_1, …), c_noise)`` for ``x_next = c_x·x + Σ_j c_j·x̂0_{−j} + c_noise·z``. A solver
+        whose plan is built from this one formula can run on per-sample grids (the exposure-bias time shift,
+        :mod:`diffsamplers.solvers.exposure_bias_time_shift`); others raise ``NotImplementedError``.
+        """
+        raise NotImplementedError(f"{self.name} has no per-sample (local) coefficient rule")
+
+    @property
+    def supports_local_coefficients(self) -> bool:
+        return type(self).local_coefficients is not Solver.local_coefficients
+
+    def evaluation_point(self, plan: SolverPlan, state: SolverState, index: int) -> tuple[Any, Any, Any] | None:
+        """Per-sample (timestep, α, σ) of evaluation ``index`` if this solver moved samples off the plan's grid.
+
+        ``None`` (the default) means the plan's own values; the loop and the diffusers adapter then use
+        them unchanged.
+        """
+        return None
 
     # -- device side ----------------------------------------------------------------------------
     def init_state(self) -> SolverState:

@@ -8,10 +8,13 @@ generalises it to any (α, σ). η = 0 is the deterministic DDIM, identical to f
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import numpy as np
 
 from ..noise import NoiseProcess
-from .base import LinearStep, Solver, marginals
+from .base import LinearStep, LocalCoefficients, Solver, marginals
 
 __all__ = ["DDIM"]
 
@@ -26,13 +29,22 @@ class DDIM(Solver):
         self.eta = float(eta)
         self.name = "ddim" if eta == 0 else f"ddim(eta={eta:g})"
 
+    def local_coefficients(
+        self, xp: Any, order: int, lam: Sequence[Any], alpha: Sequence[Any], sigma: Sequence[Any]
+    ) -> LocalCoefficients:
+        """Eq. 12/16 from the current point (λ_s, α_s, σ_s) to the target (λ_t, α_t, σ_t)."""
+        h = lam[0] - lam[1]
+        keep = xp.sqrt(1.0 - self.eta**2 * -xp.expm1(-2.0 * h))  # √(σ_t² − c²)/σ_t
+        c_x = sigma[0] * keep / sigma[1]
+        c_z = self.eta * sigma[0] * xp.sqrt(-xp.expm1(-2.0 * h))
+        return c_x, (alpha[0] - c_x * alpha[1],), c_z
+
     def _coefficients(self, process: NoiseProcess, sigmas: np.ndarray) -> tuple[np.ndarray, list[LinearStep], int]:
         lam, alpha, sigma = marginals(process, sigmas)
-        steps = []
-        for k in range(sigmas.size - 1):
-            h = lam[k + 1] - lam[k]
-            keep = np.sqrt(1.0 - self.eta**2 * -np.expm1(-2.0 * h))  # √(σ_t² − c²)/σ_t
-            c_x = sigma[k + 1] * keep / sigma[k]
-            c_z = self.eta * sigma[k + 1] * np.sqrt(-np.expm1(-2.0 * h))
-            steps.append(LinearStep(x=float(c_x), history=(float(alpha[k + 1] - c_x * alpha[k]),), noise=float(c_z)))
+        c_x, (c_0,), c_z = self.local_coefficients(
+            np, 1, (lam[1:], lam[:-1]), (alpha[1:], alpha[:-1]), (sigma[1:], sigma[:-1])
+        )
+        steps = [
+            LinearStep(x=float(c_x[k]), history=(float(c_0[k]),), noise=float(c_z[k])) for k in range(sigmas.size - 1)
+        ]
         return np.asarray(sigmas[:-1], dtype=np.float64), steps, 1

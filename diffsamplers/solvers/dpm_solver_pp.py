@@ -30,39 +30,41 @@ step at order 2).
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import numpy as np
 
 from ..noise import NoiseProcess
-from .base import LinearStep, Solver, marginals
+from .base import LinearStep, LocalCoefficients, Solver, marginals
 from .thresholding import DynamicThresholding
 
 __all__ = ["DPMSolverPlusPlus"]
 
 
-def _phi_terms(h: np.ndarray, sde: bool, third_order: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _phi_terms(xp: Any, h: Any, sde: bool, third_order: str) -> tuple[Any, Any, Any]:
     """Per α_t and per step: weights of D0, of D1 ≈ h x̂0′ and of D2 ≈ ½ h² x̂0″ for step sizes h.
 
-    A step to σ = 0 has h = ∞ and is always first order: only its D0 weight (1) is meaningful.
+    A step to σ = 0 has h = ∞ and is always first order: only its D0 weight (1) is meaningful. ``xp`` is
+    the array namespace (``numpy`` on the host, ``torch`` for per-sample coefficients on the device).
     """
     with np.errstate(divide="ignore", invalid="ignore"):
         if sde:
-            em = -np.expm1(-2.0 * h)  # 1 − e^{−2h}
+            em = -xp.expm1(-2.0 * h)  # 1 − e^{−2h}
             w1 = em / (-2.0 * h) + 1.0
             if third_order == "reference":
                 w2 = (em - 2.0 * h) / (2.0 * h) ** 2 - 0.5
             else:  # 2 ∫_0^h ½u² e^{−2(h−u)} du · 2/h²
                 w2 = 2.0 * (h * h / 2 - h / 2 + em / 4) / h**2
         else:
-            em = -np.expm1(-h)  # 1 − e^{−h}
-            w1 = np.expm1(-h) / h + 1.0
+            em = -xp.expm1(-h)  # 1 − e^{−h}
+            w1 = xp.expm1(-h) / h + 1.0
             if third_order == "reference":
-                w2 = -((np.expm1(-h) + h) / h**2 - 0.5)
+                w2 = -((xp.expm1(-h) + h) / h**2 - 0.5)
             else:  # ∫_0^h ½u² e^{u−h} du · 2/h²
-                w2 = 2.0 * (h * h / 2 - h - np.expm1(-h)) / h**2
-    finite = np.isfinite(h)
-    return em, np.where(finite, w1, 0.0), np.where(finite, w2, 0.0)
+                w2 = 2.0 * (h * h / 2 - h - xp.expm1(-h)) / h**2
+    finite = xp.isfinite(h)
+    return em, xp.where(finite, w1, 0.0), xp.where(finite, w2, 0.0)
 
 
 class DPMSolverPlusPlus(Solver):
@@ -121,34 +123,55 @@ class DPMSolverPlusPlus(Solver):
             orders.append(q)
         return orders
 
+    def local_coefficients(
+        self, xp: Any, order: int, lam: Sequence[Any], alpha: Sequence[Any], sigma: Sequence[Any]
+    ) -> LocalCoefficients:
+        """One multistep update of ``order`` from λ_s = ``lam[1]`` to λ_t = ``lam[0]`` (earlier points after)."""
+        h = lam[0] - lam[1]
+        a_t = alpha[0]
+        w0, w1, w2 = _phi_terms(xp, h, self.sde, self.third_order)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            c_x = sigma[0] / sigma[1] * (xp.exp(-h) if self.sde else 1.0)
+            noise = sigma[0] * xp.sqrt(-xp.expm1(-2.0 * h)) if self.sde else xp.zeros_like(h)
+            d0 = a_t * w0
+            if order == 1:
+                return c_x, (d0,), noise
+            r0 = (lam[1] - lam[2]) / h  # h_{k−1}/h_k
+            if order == 2:
+                # D0 + weight·(D_k − D_{k−1})/r0
+                weight = 0.5 * a_t * w0 if self.solver_type == "midpoint" else a_t * w1
+                return c_x, (d0 + weight * (1 / r0), weight * (-1 / r0)), noise
+            r1 = (lam[2] - lam[3]) / h  # h_{k−2}/h_k
+            # Divided differences as weights of (D_k, D_{k−1}, D_{k−2}): Δ0 = (D_k − D_{k−1})/r0,
+            # Δ1 = (D_{k−1} − D_{k−2})/r1, D1 = Δ0 + r0/(r0 + r1)(Δ0 − Δ1), D2 = (Δ0 − Δ1)/(r0 + r1).
+            zero = xp.zeros_like(h)
+            delta0 = (1 / r0, -1 / r0, zero)
+            delta1 = (zero, 1 / r1, -1 / r1)
+            ratio = r0 / (r0 + r1)
+            d1 = tuple(p + ratio * (p - q) for p, q in zip(delta0, delta1))
+            d2 = tuple((p - q) / (r0 + r1) for p, q in zip(delta0, delta1))
+            first = (d0, zero, zero)
+            hist = tuple(f + (a_t * w1) * u + (a_t * w2) * v for f, u, v in zip(first, d1, d2))
+            return c_x, hist, noise
+
     def _coefficients(self, process: NoiseProcess, sigmas: np.ndarray) -> tuple[np.ndarray, list[LinearStep], int]:
         lam, alpha, sigma = marginals(process, sigmas)
         n = sigmas.size - 1
-        h = lam[1:] - lam[:-1]
-        a_t = alpha[1:]
-        w0, w1, w2 = _phi_terms(h, self.sde, self.third_order)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            c_x = sigma[1:] / sigma[:-1] * (np.exp(-h) if self.sde else 1.0)
-            noise = sigma[1:] * np.sqrt(-np.expm1(-2.0 * h)) if self.sde else np.zeros(n)
-            r0 = np.full(n, np.nan)
-            r1 = np.full(n, np.nan)
-            r0[1:] = (lam[1:-1] - lam[:-2]) / h[1:]  # h_{k−1}/h_k
-            r1[2:] = (lam[1:-2] - lam[:-3]) / h[2:]  # h_{k−2}/h_k
-            # Weights of (D_k, D_{k−1}, D_{k−2}) for each order, one row per step.
-            first = np.zeros((n, 3))
-            first[:, 0] = a_t * w0
-            delta0 = np.stack([1 / r0, -1 / r0, np.zeros(n)], axis=1)  # (D_k − D_{k−1})/r0
-            delta1 = np.stack([np.zeros(n), 1 / r1, -1 / r1], axis=1)  # (D_{k−1} − D_{k−2})/r1
-            second_weight = 0.5 * a_t * w0 if self.solver_type == "midpoint" else a_t * w1
-            second = first + second_weight[:, None] * delta0
-            d1 = delta0 + (r0 / (r0 + r1))[:, None] * (delta0 - delta1)
-            d2 = (delta0 - delta1) / (r0 + r1)[:, None]
-            third = first + (a_t * w1)[:, None] * d1 + (a_t * w2)[:, None] * d2
-        table = {1: first, 2: second, 3: third}
+
+        def shifted(a: np.ndarray, j: int) -> np.ndarray:
+            """Values at point k − j for each step k (NaN before the start)."""
+            out = np.full(n, np.nan)
+            out[j:] = a[: n - j]
+            return out
+
+        lams = (lam[1:], lam[:-1], shifted(lam, 1), shifted(lam, 2))
+        pts = (lams, (alpha[1:], alpha[:-1]), (sigma[1:], sigma[:-1]))
+        table = {q: self.local_coefficients(np, q, *pts) for q in (1, 2, 3)}
 
         def update(k: int, q: int, lower: tuple[LinearStep, ...] = ()) -> LinearStep:
+            c_x, hist, noise = table[q]
             return LinearStep(
-                float(c_x[k]), tuple(float(v) for v in table[q][k, :q]), noise=float(noise[k]), order=q, lower=lower
+                float(c_x[k]), tuple(float(c[k]) for c in hist), noise=float(noise[k]), order=q, lower=lower
             )
 
         steps = [
