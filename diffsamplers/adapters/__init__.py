@@ -1,6 +1,7 @@
 """diffusers adapters: scheduler classes over this package's solvers (never a second copy of the maths)."""
 
 from .dpm_solver_pp_scheduler import DPMSolverPlusPlusScheduler
+from .exposure_bias_time_shift import TimeShiftHandle, attach_exposure_bias_time_shift
 from .scheduler_base import SolverScheduler
 
-__all__ = ["DPMSolverPlusPlusScheduler", "SolverScheduler"]
+__all__ = ["DPMSolverPlusPlusScheduler", "SolverScheduler", "TimeShiftHandle", "attach_exposure_bias_time_shift"]

@@ -184,9 +184,21 @@ class SolverScheduler(SchedulerMixin):
             )
         work = compute_dtype(sample.dtype)
         plan = self.plan
-        return to_x0(
-            model_output.to(work), sample.to(work), float(plan.alpha_t[k]), float(plan.sigma_t[k]), self.prediction_type
-        )
+        point = self.solver.evaluation_point(plan, self.state, k)  # per-sample (α, σ) off the grid (time shift)
+        alpha, sigma = (float(plan.alpha_t[k]), float(plan.sigma_t[k])) if point is None else point[1:]
+        return to_x0(model_output.to(work), sample.to(work), alpha, sigma, self.prediction_type)
+
+    def current_model_timesteps(self) -> torch.Tensor | None:
+        """Per-sample timesteps the network must receive at the current step, if the solver moved samples off the
+        grid (:class:`~diffsamplers.solvers.ExposureBiasTimeShift`); ``None`` when the pipeline's timestep is right.
+        """
+        if self.plan is None:
+            return None
+        k = self._step_index if self._step_index is not None else (self._begin_index or 0)
+        if k >= self.plan.num_evals:
+            return None
+        point = self.solver.evaluation_point(self.plan, self.state, k)
+        return None if point is None else point[0]
 
     def _draws_noise(self) -> bool:
         return False

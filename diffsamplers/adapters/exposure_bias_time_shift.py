@@ -1,0 +1,109 @@
+"""The exposure-bias time-shift sampler (Li et al. 2024, ICLR; :mod:`diffsamplers.solvers.exposure_bias_time_shift`)
+inside a diffusers pipeline.
+
+diffusers pipelines always pass ``scheduler.timesteps[i]`` — one scalar — to the network, while the time-shift
+sampler evaluates each sample at its own timestep. :func:`attach_exposure_bias_time_shift` makes that work in
+any pipeline without changing its code:
+
+1. the pipeline's scheduler becomes a :class:`~diffsamplers.DPMSolverPlusPlusScheduler` (built from the
+   pipeline's scheduler config; ``solver_order=1`` gives DDIM) whose solver is wrapped in
+   :class:`~diffsamplers.solvers.ExposureBiasTimeShift`; its ``step`` converts the model output with each
+   sample's own (α, σ);
+2. a forward pre-hook on the denoising network (``pipe.unet`` or ``pipe.transformer``) replaces the timestep
+   argument by the scheduler's per-sample timesteps (:meth:`SolverScheduler.current_model_timesteps`) at the
+   steps where samples were shifted, repeated over the classifier-free-guidance batch.
+
+``handle.remove()`` restores the original scheduler and removes the hook::
+
+    handle = attach_exposure_bias_time_shift(pipe, half_width=5, cutoff=300)
+    images = pipe(num_inference_steps=10).images
+    handle.remove()
+
+Nothing is read back from the device: the hook only swaps in a tensor the scheduler already holds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..solvers.exposure_bias_time_shift import ExposureBiasTimeShift
+from .dpm_solver_pp_scheduler import DPMSolverPlusPlusScheduler
+from .scheduler_base import SolverScheduler
+
+__all__ = ["TimeShiftHandle", "attach_exposure_bias_time_shift", "time_shift_model_hook"]
+
+
+def _network(pipe: Any) -> torch.nn.Module:
+    for name in ("unet", "transformer"):
+        module = getattr(pipe, name, None)
+        if isinstance(module, torch.nn.Module):
+            return module
+    raise TypeError(f"{type(pipe).__name__} has no 'unet' or 'transformer' module to attach the time shift to")
+
+
+def time_shift_model_hook(scheduler: SolverScheduler):
+    """A ``register_forward_pre_hook(..., with_kwargs=True)`` hook feeding the scheduler's per-sample timesteps."""
+
+    def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        ts = scheduler.current_model_timesteps()
+        if ts is None:
+            return None
+        sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+        batch = int(sample.shape[0])
+        if batch % ts.shape[0] != 0:
+            raise ValueError(f"model batch {batch} is not a multiple of the {ts.shape[0]} time-shifted samples")
+        ts = ts.to(sample.device).repeat(batch // ts.shape[0])
+        if len(args) >= 2:
+            return (args[0], ts, *args[2:]), kwargs
+        return args, {**kwargs, "timestep": ts}
+
+    return hook
+
+
+@dataclass
+class TimeShiftHandle:
+    """What :func:`attach_exposure_bias_time_shift` changed; :meth:`remove` undoes it."""
+
+    pipe: Any
+    scheduler: SolverScheduler
+    original_scheduler: Any
+    hook: torch.utils.hooks.RemovableHandle
+
+    def remove(self) -> None:
+        self.hook.remove()
+        self.pipe.scheduler = self.original_scheduler
+
+
+def attach_exposure_bias_time_shift(
+    pipe: Any,
+    half_width: int = 10,
+    cutoff: float = 300.0,
+    *,
+    variance_source: str = "x",
+    signal_variance: float = 0.0,
+    start_step: int = 1,
+    **scheduler_kwargs: Any,
+) -> TimeShiftHandle:
+    """Sample ``pipe`` with the exposure-bias time shift (see the module docstring).
+
+    ``scheduler_kwargs`` override the pipeline scheduler's config for the DPM-Solver++ scheduler, e.g.
+    ``solver_order=1`` for DDIM or ``algorithm_type="sde-dpmsolver++"``. The time-shift arguments are those of
+    :class:`~diffsamplers.solvers.ExposureBiasTimeShift`.
+    """
+    original = pipe.scheduler
+    scheduler = DPMSolverPlusPlusScheduler.from_config(original.config, **scheduler_kwargs)
+    scheduler.solver = ExposureBiasTimeShift(
+        scheduler.solver,
+        half_width=half_width,
+        cutoff=cutoff,
+        variance_source=variance_source,  # type: ignore[arg-type]
+        signal_variance=signal_variance,
+        start_step=start_step,
+    )
+    scheduler.state = scheduler.solver.init_state()
+    pipe.scheduler = scheduler
+    hook = _network(pipe).register_forward_pre_hook(time_shift_model_hook(scheduler), with_kwargs=True)
+    return TimeShiftHandle(pipe, scheduler, original, hook)
