@@ -27,6 +27,114 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _schedule_ays(args: argparse.Namespace) -> int:
+    from .schedules.align_your_steps import align_your_steps, ays_timesteps_for_diffusers, published_ays
+
+    sched = align_your_steps(args.model, args.steps, final=args.final, source=args.source)
+    print("sigmas:", [round(float(s), 10) for s in sched.sigmas])
+    if args.timesteps:
+        print("timesteps:", ays_timesteps_for_diffusers(sched, published_ays(args.model).process()))
+    return 0
+
+
+def _schedule_optimize(args: argparse.Namespace) -> int:
+    from .schedule_optimization import optimize_for_model
+    from .schedules.ays_optimizer import AYSSettings
+
+    settings = AYSSettings(
+        num_steps=args.nfe,
+        refinements=args.refinements,
+        num_samples=args.num_samples,
+        max_sweeps=args.max_sweeps,
+        refine_sweeps=args.refine_sweeps,
+        patience=args.patience,
+        init=args.init,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        importance_c=args.importance_c,
+        power=args.power,
+    )
+    learned = optimize_for_model(
+        args.model,
+        args.solver,
+        args.nfe,
+        args.out,
+        settings,
+        metric_samples=args.metric_samples,
+        checkpoint=args.checkpoint,
+        resume=not args.no_resume,
+        plot=args.plot,
+        data=args.data,
+        device=args.device,
+        log=None if args.quiet else print,
+    )
+    for n, levels in learned.stages.items():
+        print(f"{n} steps:", [round(float(v), 6) for v in levels])
+    print(f"wrote {args.out}" + (f" and {args.plot}" if args.plot else ""))
+    return 0
+
+
+def _schedule_show(args: argparse.Namespace) -> int:
+    from .schedules.ays_learned import LearnedSchedule, plot_schedules
+
+    learned = LearnedSchedule.load(args.path)
+    meta = learned.metadata
+    print({k: meta.get(k) for k in ("model", "solver", "nfe", "seed", "metric", "seconds")})
+    for n, levels in learned.stages.items():
+        print(f"{n} steps:", [round(float(v), 6) for v in levels])
+    if args.steps:
+        sched = learned.schedule(args.steps, final=args.final)
+        print(f"{args.steps}-step schedule ({args.final}):", [round(float(v), 6) for v in sched.sigmas])
+    if args.plot:
+        plot_schedules(args.plot, {f"{n} steps": v for n, v in learned.stages.items()}, meta.get("klub_history"))
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _add_schedule_commands(sub: argparse._SubParsersAction) -> None:
+    group = sub.add_parser("schedule", help="Align Your Steps schedules: published, learned (optimize), inspect")
+    cmds = group.add_subparsers(dest="schedule_command", required=True)
+
+    p = cmds.add_parser("ays", help="print a published Align Your Steps schedule for any number of steps")
+    p.add_argument("--model", default="sd15", help="sd15, sdxl, svd or deepfloyd_if")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--final", default="replace", choices=["replace", "append", "sigma_min"])
+    p.add_argument("--source", default=None, choices=["quickstart", "paper"])
+    p.add_argument("--timesteps", action="store_true", help="also print integer timesteps for diffusers")
+    p.set_defaults(func=_schedule_ays)
+
+    p = cmds.add_parser("optimize", help="learn an Align Your Steps schedule (KLUB search) for a model")
+    p.add_argument("--model", default="gmm", help="gmm, diffusers:<dir>, or a registered model")
+    p.add_argument("--solver", default="dpm++2m", help="solver whose error stops the first stage early")
+    p.add_argument("--nfe", type=int, default=10, help="steps of the first stage")
+    p.add_argument("--refinements", type=int, default=2, help="subdivisions after the first stage (10→20→40)")
+    p.add_argument("--out", required=True, help="where to write the learned schedule (.safetensors)")
+    p.add_argument("--checkpoint", default=None, help="checkpoint file (default: next to --out)")
+    p.add_argument("--no-resume", action="store_true", help="start afresh even if a checkpoint exists")
+    p.add_argument("--plot", default=None, help="write a PNG of the schedules and the KLUB history")
+    p.add_argument("--data", default=None, help="data: a tensor file or 'sklearn-digits'")
+    p.add_argument("--num-samples", type=int, default=8192, help="data samples in the KLUB estimate")
+    p.add_argument("--metric-samples", type=int, default=256, help="held-out noises for early stopping")
+    p.add_argument("--max-sweeps", type=int, default=100)
+    p.add_argument("--refine-sweeps", type=int, default=40)
+    p.add_argument("--patience", type=int, default=3)
+    p.add_argument("--init", default="auto", choices=["auto", "uniform_time", "karras", "uniform_logsnr"])
+    p.add_argument("--importance-c", type=float, default=0.5)
+    p.add_argument("--power", type=int, default=1, choices=[1, 2])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=4096)
+    p.add_argument("--device", default=None)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_schedule_optimize)
+
+    p = cmds.add_parser("show", help="print (and plot) a learned schedule")
+    p.add_argument("path")
+    p.add_argument("--steps", type=int, default=None, help="also print the schedule interpolated to this many steps")
+    p.add_argument("--final", default="replace", choices=["replace", "append", "sigma_min"])
+    p.add_argument("--plot", default=None)
+    p.set_defaults(func=_schedule_show)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="diffsamplers", description="Diffusion-model samplers that drop into diffusers."
@@ -42,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", default=None, help="write a log-log plot (PNG) here")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_compare)
+    _add_schedule_commands(sub)
     return parser
 
 

@@ -1,0 +1,118 @@
+"""The schedule-optimisation job behind ``diffsamplers schedule optimize`` and ``scripts/optimize_schedule.py``.
+
+For a named model (:mod:`diffsamplers.models.registry`) and solver: held-out initial noise, its reference
+solution (exact for the Gaussian mixture, a 1,000-step run otherwise), the solver's error against it as the
+early-stopping metric, then :func:`~diffsamplers.schedules.ays_optimizer.optimize_schedule` with a
+checkpoint next to the output, and the learned schedule saved (and plotted).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .evaluation import SolverErrorMetric, reference_samples
+from .models.registry import ModelBundle, load_model
+from .schedules.ays_learned import LearnedSchedule, plot_schedules
+from .schedules.ays_optimizer import AYSSettings, optimize_schedule
+from .solvers.registry import solver_from_name
+
+__all__ = ["ValidationSet", "validation_set", "optimize_for_model"]
+
+
+@dataclass
+class ValidationSet:
+    """Initial noise at σ_max, its reference samples and the per-sample condition."""
+
+    x_T: torch.Tensor
+    reference: torch.Tensor
+    cond: dict[str, torch.Tensor] | None
+
+
+def validation_set(
+    bundle: ModelBundle, num_samples: int, seed: int, device: str | torch.device = "cpu"
+) -> ValidationSet:
+    """``num_samples`` initial noises (seeded) with their exact or 1,000-step reference samples."""
+    process = bundle.denoiser.process
+    g = torch.Generator().manual_seed(seed)
+    x_T = torch.randn(num_samples, *bundle.sample_shape, generator=g, dtype=torch.float64)
+    x_T = (x_T * process.init_noise_sigma(process.sigma_max)).to(device)
+    cond = bundle.cond(num_samples, seed + 1)
+    if bundle.exact_reference is not None:
+        reference = bundle.exact_reference(x_T.cpu()).to(device)
+    else:
+        reference = reference_samples(bundle.denoiser, x_T, num_steps=1000, cond=cond, batch_size=256)
+    return ValidationSet(x_T.float(), reference, cond)
+
+
+def optimize_for_model(
+    model: str,
+    solver: str,
+    nfe: int,
+    out: str | Path,
+    settings: AYSSettings | None = None,
+    metric_samples: int = 256,
+    metric_seed: int = 1_000_003,
+    checkpoint: str | Path | None = None,
+    resume: bool = True,
+    plot: str | Path | None = None,
+    data: str | None = None,
+    device: str | None = None,
+    log: Any = print,
+) -> LearnedSchedule:
+    """Optimise, save to ``out`` (safetensors), optionally plot; returns the learned schedule.
+
+    The first stage has ``nfe`` steps unless ``settings`` says otherwise; its early-stopping metric is
+    ``solver``'s RMS error at that many steps against the reference of ``metric_samples`` held-out noises.
+    """
+    bundle = load_model(model, **({"data": data} if data else {}))
+    if bundle.data is None:
+        raise ValueError(f"model {model!r} has no data: pass data= (a tensor file or 'sklearn-digits')")
+    settings = settings or AYSSettings(num_steps=nfe)
+    if device is not None and isinstance(bundle.denoiser.model, torch.nn.Module):
+        bundle.denoiser.model.to(device)
+    run_device = device or "cpu"
+    val = validation_set(bundle, metric_samples, metric_seed, run_device)
+    metric = SolverErrorMetric(bundle.denoiser, solver_from_name(solver), val.x_T, val.reference, cond=val.cond)
+    out = Path(out)
+    checkpoint = checkpoint or out.with_name(out.stem + ".checkpoint.safetensors")
+    describe = {
+        "model": model,
+        "solver": solver,
+        "nfe": int(nfe),
+        "seed": settings.seed,
+        "metric_samples": metric_samples,
+    }
+    learned = optimize_schedule(
+        bundle.denoiser,
+        bundle.data,
+        settings,
+        metric=metric,
+        checkpoint=checkpoint,
+        resume=resume,
+        describe=describe,
+        device=run_device,
+        log=log,
+    )
+    learned.metadata["metric"] = (
+        f"RMS error of {solver} vs {'exact' if bundle.exact_reference else '1000-step'} reference"
+    )
+    learned.save(out)
+    if plot:
+        process = bundle.denoiser.process
+        from .schedules.spacing import karras, uniform_logsnr, uniform_time
+
+        n = settings.num_steps
+        baselines = {
+            "uniform time": uniform_time(process, n, final="sigma_min").sigmas,
+            "uniform logSNR": uniform_logsnr(process, n, final="sigma_min").sigmas,
+            "Karras ρ=7": karras(process, n, final="sigma_min").sigmas,
+        }
+        learned_levels = {
+            "AYS learned" + (f", stage {i + 1}" if i else ""): v for i, v in enumerate(learned.stages.values())
+        }
+        plot_schedules(plot, {**learned_levels, **baselines}, learned.metadata["klub_history"], f"AYS learned: {model}")
+    return learned

@@ -1,0 +1,115 @@
+"""A learned Align Your Steps schedule: its optimised levels per stage, their interpolation, files and plots.
+
+The optimiser (:mod:`diffsamplers.schedules.ays_optimizer`) produces a first-stage schedule (10 steps in the
+paper) and refinements with twice as many steps; for any other step count the finest one is interpolated
+log-linearly over the step index (Sabour et al. 2024, Sec. 3.3), with the same
+:func:`~diffsamplers.schedules.align_your_steps.schedule_from_levels` as the published schedules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..artifacts import load_artifact, save_artifact
+from ..noise import NoiseProcess
+from .align_your_steps import AysFinal, check_levels, schedule_from_levels
+from .schedule import Schedule
+
+__all__ = ["LearnedSchedule", "plot_schedules"]
+
+_KIND = "learned_schedule"
+
+
+@dataclass
+class LearnedSchedule:
+    """Optimised noise levels per stage (``{num_steps: levels}``, each decreasing from σ_max to σ_min).
+
+    ``metadata`` records how it was made (model, solver, NFE, seed, KLUB and metric history, settings).
+    """
+
+    stages: dict[int, np.ndarray]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.stages:
+            raise ValueError("a learned schedule needs at least one stage")
+        clean = {}
+        for n, levels in self.stages.items():
+            arr = check_levels(levels, f"learned levels ({n} steps)")
+            if arr.size != int(n) + 1:
+                raise ValueError(f"stage {n} must hold {int(n) + 1} levels, got {arr.size}")
+            clean[int(n)] = arr
+        self.stages = dict(sorted(clean.items()))
+
+    @property
+    def finest(self) -> np.ndarray:
+        return self.stages[max(self.stages)]
+
+    def levels(self, num_steps: int | None = None) -> np.ndarray:
+        """The optimised levels of a stage (default: the finest)."""
+        return self.finest if num_steps is None else self.stages[int(num_steps)]
+
+    def schedule(self, num_steps: int, final: AysFinal = "replace", process: NoiseProcess | None = None) -> Schedule:
+        """A ``num_steps`` schedule: a stage's own levels when it has that many steps, else the finest stage
+        interpolated log-linearly; the last level follows ``final`` (see
+        :mod:`diffsamplers.schedules.align_your_steps`)."""
+        levels = self.stages.get(int(num_steps)) if final != "append" else None
+        source = levels if levels is not None else self.finest
+        meta = {k: self.metadata[k] for k in ("model", "solver") if k in self.metadata}
+        return schedule_from_levels(source, num_steps, final, process, source="learned", **meta)
+
+    # -- files ----------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """safetensors (``levels_<n>`` per stage, float64) with the metadata as JSON."""
+        tensors = {f"levels_{n}": torch.from_numpy(v.copy()) for n, v in self.stages.items()}
+        return save_artifact(path, _KIND, tensors, {"metadata": self.metadata})
+
+    @classmethod
+    def load(cls, path: str | Path) -> LearnedSchedule:
+        tensors, meta = load_artifact(path, _KIND)
+        stages = {int(k.split("_", 1)[1]): v.double().numpy() for k, v in tensors.items() if k.startswith("levels_")}
+        return cls(stages, meta.get("metadata", {}))
+
+
+def plot_schedules(
+    path: str | Path,
+    schedules: dict[str, np.ndarray],
+    klub_history: list[float] | None = None,
+    title: str = "Align Your Steps",
+) -> Path:
+    """log σ̃ against the step fraction for named level lists, and (if given) the KLUB per sweep."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ncols = 2 if klub_history else 1
+    fig, axes = plt.subplots(1, ncols, figsize=(5.5 * ncols, 4.2), squeeze=False)
+    ax = axes[0, 0]
+    for name, levels in schedules.items():
+        lv = np.asarray(levels, dtype=np.float64)
+        lv = lv[lv > 0]
+        ax.semilogy(np.linspace(0, 1, lv.size), lv, "-o", markersize=3, label=f"{name} ({lv.size - 1} steps)")
+    ax.set_xlabel("step / number of steps")
+    ax.set_ylabel("noise level σ̃")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    if klub_history:
+        ax2 = axes[0, 1]
+        ax2.plot(range(len(klub_history)), klub_history, "-o", markersize=3)
+        ax2.set_xlabel("sweep")
+        ax2.set_ylabel("estimated KLUB")
+        ax2.set_yscale("log")
+        ax2.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
