@@ -8,8 +8,9 @@ tables. The reference is the exact probability-flow ODE solution for the bundled
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -22,7 +23,10 @@ from .schedules.spacing import uniform_logsnr
 from .solvers.base import Solver
 from .solvers.dpm_solver_pp import DPMSolverPlusPlus
 
-__all__ = ["rms_error", "reference_samples", "SolverErrorMetric"]
+if TYPE_CHECKING:
+    from .models.registry import ModelBundle
+
+__all__ = ["rms_error", "reference_samples", "SolverErrorMetric", "ValidationSet", "validation_set", "evaluate"]
 
 
 def rms_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -93,3 +97,47 @@ class SolverErrorMetric:
                 progress=False,
             )
         return rms_error(out, self.reference)
+
+
+@dataclass
+class ValidationSet:
+    """Initial noise at σ_max, its reference samples and the per-sample condition."""
+
+    x_T: torch.Tensor
+    reference: torch.Tensor
+    cond: dict[str, torch.Tensor] | None
+
+
+def validation_set(
+    bundle: ModelBundle, num_samples: int, seed: int, device: str | torch.device = "cpu"
+) -> ValidationSet:
+    """``num_samples`` initial noises (seeded) with their exact or 1,000-step reference samples."""
+    process = bundle.denoiser.process
+    g = torch.Generator().manual_seed(seed)
+    x_T = torch.randn(num_samples, *bundle.sample_shape, generator=g, dtype=torch.float64)
+    x_T = (x_T * process.init_noise_sigma(process.sigma_max)).to(device)
+    cond = bundle.cond(num_samples, seed + 1)
+    cond = None if cond is None else {k: v.to(device) for k, v in cond.items()}
+    if bundle.exact_reference is not None:
+        reference = bundle.exact_reference(x_T.cpu()).to(device)
+    else:
+        reference = reference_samples(bundle.denoiser, x_T, num_steps=1000, cond=cond, batch_size=256)
+    return ValidationSet(x_T.float(), reference, cond)
+
+
+def evaluate(
+    bundle: ModelBundle,
+    evaluation: ValidationSet,
+    run: Callable[[torch.Tensor, Mapping[str, Any] | None], torch.Tensor],
+    sample_metrics: Sequence[str] = (),
+) -> dict[str, float]:
+    """``run(x_T, cond)`` on the evaluation noises: RMS error against the reference, plus registered sample
+    metrics (:func:`diffsamplers.models.registry.register_sample_metric`) by name."""
+    from .models.registry import sample_metric
+
+    with torch.no_grad():
+        out = run(evaluation.x_T, evaluation.cond)
+    result = {"rms": rms_error(out, evaluation.reference)}
+    for name in sample_metrics:
+        result[name] = float(sample_metric(name)(out, bundle))
+    return result

@@ -31,10 +31,17 @@ import torch
 from .artifacts import load_artifact, save_artifact
 from .data import DataSource, iter_batches
 
-__all__ = ["GaussianStatistics", "StatisticsAccumulator"]
+__all__ = [
+    "GaussianStatistics",
+    "StatisticsAccumulator",
+    "class_statistics",
+    "load_class_statistics",
+    "save_class_statistics",
+]
 
 PsdPolicy = Literal["clip", "error"]
 _KIND = "gaussian_statistics"
+_CLASS_KIND = "gaussian_statistics_by_class"
 
 
 def _psd_eigh(cov: torch.Tensor, psd: PsdPolicy, what: str = "covariance") -> tuple[torch.Tensor, torch.Tensor]:
@@ -319,3 +326,53 @@ def _nystrom(y: torch.Tensor, omega: torch.Tensor) -> tuple[torch.Tensor, torch.
     e = torch.linalg.solve_triangular(chol, y_nu.T, upper=False).T  # Y_ν L⁻ᵀ
     u, s, _ = torch.linalg.svd(e, full_matrices=False)
     return (s * s - nu).clamp_min(0.0), u
+
+
+def class_statistics(
+    data: DataSource,
+    rank: int | None = None,
+    batch_size: int = 1024,
+    method: Literal["auto", "full", "sketch"] = "auto",
+    psd: PsdPolicy = "clip",
+) -> dict[int, GaussianStatistics]:
+    """Per-class statistics of labelled data (``(samples, labels)`` or batches with labels), for a
+    class-conditional model (one Gaussian per class: reference notes §4.5)."""
+    accs: dict[int, StatisticsAccumulator] = {}
+    for x, cond in iter_batches(data, batch_size):
+        if cond is None:
+            raise ValueError("class statistics need labelled data: (samples, labels) or batches with labels")
+        labels = cond["class_labels"].reshape(-1).cpu()
+        for c in labels.unique().tolist():
+            acc = accs.setdefault(int(c), StatisticsAccumulator(rank=rank, method=method))
+            acc.update(x[(labels == c).to(x.device)])
+    return {c: acc.finalize(psd=psd) for c, acc in sorted(accs.items())}
+
+
+def save_class_statistics(path: str | Path, stats: dict[int, GaussianStatistics]) -> Path:
+    """One safetensors file for per-class statistics (``<class>.mean`` etc.)."""
+    tensors, meta = {}, {}
+    for c, st in stats.items():
+        tensors.update({f"{c}.mean": st.mean, f"{c}.eigvals": st.eigvals, f"{c}.eigvecs": st.eigvecs})
+        meta[str(c)] = {
+            "residual_variance": st.residual_variance,
+            "sample_shape": list(st.sample_shape),
+            "num_samples": st.num_samples,
+            "source": st.source,
+        }
+    return save_artifact(path, _CLASS_KIND, tensors, {"classes": meta})
+
+
+def load_class_statistics(path: str | Path) -> dict[int, GaussianStatistics]:
+    tensors, meta = load_artifact(path, _CLASS_KIND)
+    return {
+        int(c): GaussianStatistics(
+            tensors[f"{c}.mean"],
+            tensors[f"{c}.eigvals"],
+            tensors[f"{c}.eigvecs"],
+            float(m["residual_variance"]),
+            tuple(m["sample_shape"]),
+            m.get("num_samples"),
+            m.get("source", ""),
+        )
+        for c, m in meta["classes"].items()
+    }

@@ -28,7 +28,7 @@ down with one batched model call per level until the first failure.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,14 +57,52 @@ def _scalar(v: Any) -> float:
     return float(np.asarray(v, dtype=np.float64))
 
 
+Stats = GaussianStatistics | Mapping[int, GaussianStatistics]
+
+
+def _per_class(
+    stats: Stats, x: torch.Tensor, labels: torch.Tensor | None, fn: Callable[..., torch.Tensor]
+) -> torch.Tensor:
+    """``fn(stats, x, index)`` for one Gaussian, or per class (``labels``) for class-conditional statistics
+    (``index``: the rows of x given, ``None`` for all)."""
+    if isinstance(stats, GaussianStatistics):
+        return fn(stats, x, None)
+    if labels is None:
+        raise ValueError("class-conditional statistics need the class labels of the samples")
+    labels = torch.as_tensor(labels).reshape(-1).cpu()
+    if labels.numel() != x.shape[0]:
+        raise ValueError(f"got {labels.numel()} labels for {x.shape[0]} samples")
+    out = None
+    for c in labels.unique().tolist():
+        if int(c) not in stats:
+            raise ValueError(f"no statistics for class {int(c)} (have {sorted(stats)})")
+        idx = torch.nonzero(labels == c).reshape(-1).to(x.device)
+        part = fn(stats[int(c)], x.index_select(0, idx), idx)
+        out = torch.empty((x.shape[0], *part.shape[1:]), dtype=part.dtype, device=part.device) if out is None else out
+        out.index_copy_(0, idx.to(part.device), part)
+    return out
+
+
 def gaussian_flow(
-    stats: GaussianStatistics, process: NoiseProcess, x: torch.Tensor, sigma_from: float, sigma_to: float
+    stats: Stats,
+    process: NoiseProcess,
+    x: torch.Tensor,
+    sigma_from: float,
+    sigma_to: float,
+    labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The exact probability-flow ODE map of N(μ, Σ) data from noise level σ̃ = ``sigma_from`` to ``sigma_to``.
 
     ``x`` is in the process's own scaling at ``sigma_from``; the result, at ``sigma_to``, has x's dtype and
-    device (the arithmetic is float64).
+    device (the arithmetic is float64). With per-class statistics (a mapping) each sample uses its class's
+    Gaussian (``labels``).
     """
+    return _per_class(stats, x, labels, lambda st, xs, _: _flow(st, process, xs, sigma_from, sigma_to))
+
+
+def _flow(
+    stats: GaussianStatistics, process: NoiseProcess, x: torch.Tensor, sigma_from: float, sigma_to: float
+) -> torch.Tensor:
     if not (np.isfinite(sigma_from) and np.isfinite(sigma_to)) or sigma_from < 0 or sigma_to < 0:
         raise ValueError(f"noise levels must be finite and non-negative, got {sigma_from} and {sigma_to}")
     if x.shape[1:].numel() != stats.dim:
@@ -86,9 +124,24 @@ def gaussian_flow(
 
 
 def gaussian_posterior_mean(
+    stats: Stats,
+    x: torch.Tensor,
+    alpha: float | torch.Tensor,
+    sigma: float | torch.Tensor,
+    labels: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """E[x0 | x_t = x] for N(μ, Σ) data, x_t = α x0 + σ ε (α, σ scalars, or per sample for one Gaussian)."""
+
+    def rows(v: float | torch.Tensor, idx: torch.Tensor | None) -> float | torch.Tensor:
+        per_sample = isinstance(v, torch.Tensor) and v.ndim > 0 and v.shape[0] == x.shape[0] and idx is not None
+        return v.index_select(0, idx.to(v.device)) if per_sample else v
+
+    return _per_class(stats, x, labels, lambda st, xs, idx: _posterior_mean(st, xs, rows(alpha, idx), rows(sigma, idx)))
+
+
+def _posterior_mean(
     stats: GaussianStatistics, x: torch.Tensor, alpha: float | torch.Tensor, sigma: float | torch.Tensor
 ) -> torch.Tensor:
-    """E[x0 | x_t = x] for N(μ, Σ) data, x_t = α x0 + σ ε (α, σ scalars or one value per sample)."""
     b = x.shape[0]
     flat = x.reshape(b, -1).to(torch.float64)
     mu, lam, u = (t.to(x.device) for t in (stats.mean, stats.eigvals, stats.eigvecs))
@@ -106,13 +159,14 @@ def gaussian_posterior_mean(
 class GaussianDenoiser(Denoiser):
     """The Gaussian score approximation as a denoiser: x̂0 = E[x0 | x_t] under N(μ, Σ) (no network)."""
 
-    def __init__(self, stats: GaussianStatistics, process: NoiseProcess):
+    def __init__(self, stats: Stats, process: NoiseProcess, cond_key: str = "class_labels"):
         super().__init__(lambda x, t: x, process, prediction_type="sample")
-        self.stats = stats
+        self.stats, self.cond_key = stats, cond_key
 
     def predict_x0(self, x, timestep, alpha, sigma, cond=None, uncond=None, guidance_scale=None):  # noqa: D102
         work = torch.promote_types(x.dtype, torch.float32)
-        return gaussian_posterior_mean(self.stats, x, alpha, sigma).to(work)
+        labels = None if cond is None else cond.get(self.cond_key)
+        return gaussian_posterior_mean(self.stats, x, alpha, sigma, labels).to(work)
 
 
 @dataclass(frozen=True)
@@ -127,36 +181,43 @@ class SkipChoice:
 
 def choose_skip(
     denoiser: Denoiser,
-    stats: GaussianStatistics,
+    stats: Stats,
     schedule: Schedule,
     tolerance: float = 0.01,
     num_probes: int = 64,
     seed: int = 0,
     max_fraction: float = 0.5,
-    cond: Any = None,
+    cond: Mapping[str, Any] | None = None,
+    cond_key: str = "class_labels",
 ) -> SkipChoice:
     """The number of leading evaluations the Gaussian flow can replace (criterion in the module docstring).
 
-    At most ``max_fraction`` of the evaluations are skipped. ``cond`` (e.g. class labels for ``num_probes``
-    samples) is passed to the model.
+    At most ``max_fraction`` of the evaluations are skipped. ``cond`` (model inputs for ``num_probes``
+    samples) is passed to the model; with per-class statistics and no ``cond`` the probes cycle through the
+    classes (``cond_key`` names the label input).
     """
     if not 0 < tolerance < 1:
         raise ValueError(f"tolerance must lie in (0, 1), got {tolerance}")
     process = denoiser.process
     sigmas = schedule.sigmas
     ts = schedule.model_timesteps(process)
+    if not isinstance(stats, GaussianStatistics) and cond is None:
+        classes = torch.tensor(sorted(stats))
+        cond = {cond_key: classes[torch.arange(num_probes) % classes.numel()]}
+    labels = None if cond is None else cond.get(cond_key)
+    shape = (stats if isinstance(stats, GaussianStatistics) else next(iter(stats.values()))).sample_shape
     g = torch.Generator().manual_seed(seed)
-    x_T = torch.randn(num_probes, *stats.sample_shape, generator=g, dtype=torch.float64)
+    x_T = torch.randn(num_probes, *shape, generator=g, dtype=torch.float64)
     x_T = x_T * process.init_noise_sigma(float(sigmas[0]))
     limit = min(int(max_fraction * schedule.num_steps), schedule.num_steps - 1)
     errors: list[float] = []
     skip = 0
     for k in range(limit + 1):
-        x_k = gaussian_flow(stats, process, x_T, float(sigmas[0]), float(sigmas[k])).float()
+        x_k = gaussian_flow(stats, process, x_T, float(sigmas[0]), float(sigmas[k]), labels).float()
         alpha, sigma = (_scalar(v) for v in process.alpha_sigma(float(sigmas[k])))
         with torch.no_grad():
-            model = denoiser.predict_x0(x_k, float(ts[k]), alpha, sigma, cond=cond).double().flatten(1)
-        gauss = gaussian_posterior_mean(stats, x_k.double(), alpha, sigma).flatten(1)
+            model = denoiser.predict_x0(x_k, float(ts[k]), alpha, sigma, cond=cond).double().flatten(1).cpu()
+        gauss = gaussian_posterior_mean(stats, x_k.double(), alpha, sigma, labels).flatten(1).cpu()
         spread = float((model - model.mean(0)).pow(2).sum())
         err = float((model - gauss).pow(2).sum()) / max(spread, 1e-300)
         errors.append(err)
@@ -171,7 +232,9 @@ class GaussianTeleport:
 
     Args:
         stats: the data's Gaussian statistics, in the model's input space (for latent models: of the scaled
-            latents; for [−1, 1] pixel models: of the [−1, 1] images).
+            latents; for [−1, 1] pixel models: of the [−1, 1] images); or per-class statistics
+            (:func:`~diffsamplers.gaussian_stats.class_statistics`) for a class-conditional model, each sample
+            then teleported with its class's Gaussian (labels from ``cond[cond_key]``).
         skip: number of leading evaluations to skip; or ``sigma_skip``: teleport to the first grid level at or
             below it; or neither: :func:`choose_skip` with ``tolerance`` decides (once per schedule).
     """
@@ -183,6 +246,7 @@ class GaussianTeleport:
         sigma_skip: float | None = None,
         tolerance: float = 0.01,
         num_probes: int = 64,
+        cond_key: str = "class_labels",
     ):
         if skip is not None and sigma_skip is not None:
             raise ValueError("give skip or sigma_skip, not both")
@@ -193,6 +257,7 @@ class GaussianTeleport:
         self.stats = stats
         self.skip, self.sigma_skip = skip, sigma_skip
         self.tolerance, self.num_probes = float(tolerance), int(num_probes)
+        self.cond_key = cond_key
         self.last_choice: SkipChoice | None = None
 
     def resolve_skip(self, denoiser: Denoiser, schedule: Schedule, cond: Any = None) -> int:
@@ -203,7 +268,9 @@ class GaussianTeleport:
             below = np.flatnonzero(schedule.sigmas[:-1] <= self.sigma_skip)
             k = int(below[0]) if below.size else schedule.num_steps
         else:
-            self.last_choice = choose_skip(denoiser, self.stats, schedule, self.tolerance, self.num_probes, cond=cond)
+            self.last_choice = choose_skip(
+                denoiser, self.stats, schedule, self.tolerance, self.num_probes, cond=cond, cond_key=self.cond_key
+            )
             k = self.last_choice.skip
         if k >= schedule.num_steps:
             raise ValueError(f"cannot skip {k} of the schedule's {schedule.num_steps} evaluations")
@@ -245,7 +312,9 @@ class GaussianTeleport:
             run_device = torch.device(device) if device is not None else torch.device("cpu")
             x_T = noise.draw(0, int(shape[0]), tuple(shape[1:]), run_device, dtype)
             x_T = x_T * process.init_noise_sigma(float(schedule.sigmas[0]))
-        x_k = gaussian_flow(self.stats, process, x_T, float(schedule.sigmas[0]), float(schedule.sigmas[k]))
+        cond = sample_kwargs.get("cond")
+        labels = None if cond is None else cond.get(self.cond_key)
+        x_k = gaussian_flow(self.stats, process, x_T, float(schedule.sigmas[0]), float(schedule.sigmas[k]), labels)
         return sample(
             denoiser,
             solver,

@@ -8,44 +8,18 @@ checkpoint next to the output, and the learned schedule saved (and plotted).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .evaluation import SolverErrorMetric, reference_samples
-from .models.registry import ModelBundle, load_model
+from .evaluation import SolverErrorMetric, validation_set
+from .models.registry import load_model
 from .schedules.ays_learned import LearnedSchedule, plot_schedules
 from .schedules.ays_optimizer import AYSSettings, optimize_schedule
 from .solvers.registry import solver_from_name
 
-__all__ = ["ValidationSet", "validation_set", "optimize_for_model"]
-
-
-@dataclass
-class ValidationSet:
-    """Initial noise at σ_max, its reference samples and the per-sample condition."""
-
-    x_T: torch.Tensor
-    reference: torch.Tensor
-    cond: dict[str, torch.Tensor] | None
-
-
-def validation_set(
-    bundle: ModelBundle, num_samples: int, seed: int, device: str | torch.device = "cpu"
-) -> ValidationSet:
-    """``num_samples`` initial noises (seeded) with their exact or 1,000-step reference samples."""
-    process = bundle.denoiser.process
-    g = torch.Generator().manual_seed(seed)
-    x_T = torch.randn(num_samples, *bundle.sample_shape, generator=g, dtype=torch.float64)
-    x_T = (x_T * process.init_noise_sigma(process.sigma_max)).to(device)
-    cond = bundle.cond(num_samples, seed + 1)
-    if bundle.exact_reference is not None:
-        reference = bundle.exact_reference(x_T.cpu()).to(device)
-    else:
-        reference = reference_samples(bundle.denoiser, x_T, num_steps=1000, cond=cond, batch_size=256)
-    return ValidationSet(x_T.float(), reference, cond)
+__all__ = ["optimize_for_model"]
 
 
 def optimize_for_model(

@@ -10,7 +10,12 @@ from scipy.integrate import solve_ivp
 
 from diffsamplers import DPMSolverPlusPlus, sample
 from diffsamplers.data import load_digits_images
-from diffsamplers.gaussian_stats import GaussianStatistics
+from diffsamplers.gaussian_stats import (
+    GaussianStatistics,
+    class_statistics,
+    load_class_statistics,
+    save_class_statistics,
+)
 from diffsamplers.gaussian_teleport import GaussianDenoiser, GaussianTeleport, choose_skip, gaussian_flow
 from diffsamplers.models.gmm import GaussianMixture, default_mixture, default_process, reference_solution
 from diffsamplers.noise import RectifiedFlow, VarianceExploding
@@ -195,3 +200,26 @@ def test_skip_criterion_and_handover_on_the_mixture():
     sigma_tele = GaussianTeleport(stats, sigma_skip=float(sched.sigmas[3]) * 1.0001)
     assert sigma_tele.resolve_skip(den, sched) == 3
     assert uniform_logsnr(process, 5).num_steps == 5
+
+
+def test_class_conditional_statistics_and_teleport(tmp_path):
+    """A class-conditional model teleports each sample with its class's Gaussian (reference notes §4.5)."""
+    images, labels = load_digits_images(8)
+    per_class = class_statistics((images, labels), batch_size=500)
+    assert sorted(per_class) == list(range(10))
+    three = images[labels == 3].reshape(-1, 64).double()
+    assert torch.allclose(per_class[3].covariance(), torch.cov(three.T), atol=1e-12)
+    back = load_class_statistics(save_class_statistics(tmp_path / "c.safetensors", per_class))
+    assert torch.equal(back[7].eigvecs, per_class[7].eigvecs)
+    process = default_process()
+    x = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    lab = torch.tensor([3, 1, 3, 0, 9, 1])
+    together = gaussian_flow(per_class, process, x, 157.0, 0.5, lab)
+    for i in range(6):
+        alone = gaussian_flow(per_class[int(lab[i])], process, x[i : i + 1], 157.0, 0.5)
+        assert torch.allclose(together[i : i + 1], alone, atol=1e-12)
+    with pytest.raises(ValueError, match="need the class labels"):
+        gaussian_flow(per_class, process, x, 157.0, 0.5)
+    den = GaussianDenoiser(per_class, process)
+    choice = choose_skip(den, per_class, karras(process, 10), tolerance=1e-6)  # probes cycle through the classes
+    assert choice.skip == 5 and max(choice.unexplained) < 1e-10
