@@ -61,6 +61,7 @@ def _schedule_optimize(args: argparse.Namespace) -> int:
         args.out,
         settings,
         metric_samples=args.metric_samples,
+        reference_steps=args.reference_steps,
         checkpoint=args.checkpoint,
         resume=not args.no_resume,
         plot=args.plot,
@@ -115,6 +116,7 @@ def _add_schedule_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", default=None, help="data: a tensor file or 'sklearn-digits'")
     p.add_argument("--num-samples", type=int, default=8192, help="data samples in the KLUB estimate")
     p.add_argument("--metric-samples", type=int, default=256, help="held-out noises for early stopping")
+    p.add_argument("--reference-steps", type=int, default=1000, help="steps of the reference run (no exact one)")
     p.add_argument("--max-sweeps", type=int, default=100)
     p.add_argument("--refine-sweeps", type=int, default=40)
     p.add_argument("--patience", type=int, default=3)

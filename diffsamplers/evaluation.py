@@ -109,9 +109,13 @@ class ValidationSet:
 
 
 def validation_set(
-    bundle: ModelBundle, num_samples: int, seed: int, device: str | torch.device = "cpu"
+    bundle: ModelBundle,
+    num_samples: int,
+    seed: int,
+    device: str | torch.device = "cpu",
+    reference_steps: int = 1000,
 ) -> ValidationSet:
-    """``num_samples`` initial noises (seeded) with their exact or 1,000-step reference samples."""
+    """``num_samples`` initial noises (seeded) with their exact or ``reference_steps``-step reference samples."""
     process = bundle.denoiser.process
     g = torch.Generator().manual_seed(seed)
     x_T = torch.randn(num_samples, *bundle.sample_shape, generator=g, dtype=torch.float64)
@@ -121,7 +125,7 @@ def validation_set(
     if bundle.exact_reference is not None:
         reference = bundle.exact_reference(x_T.cpu()).to(device)
     else:
-        reference = reference_samples(bundle.denoiser, x_T, num_steps=1000, cond=cond, batch_size=256)
+        reference = reference_samples(bundle.denoiser, x_T, num_steps=reference_steps, cond=cond, batch_size=256)
     return ValidationSet(x_T.float(), reference, cond)
 
 

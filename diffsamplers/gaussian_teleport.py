@@ -39,7 +39,7 @@ from .denoiser import Denoiser
 from .gaussian_stats import GaussianStatistics
 from .noise import NoiseProcess
 from .rng import NoiseSource
-from .sampling import sample
+from .sampling import model_device, sample
 from .schedules.schedule import Schedule
 from .solvers.base import Solver
 
@@ -205,6 +205,10 @@ def choose_skip(
         classes = torch.tensor(sorted(stats))
         cond = {cond_key: classes[torch.arange(num_probes) % classes.numel()]}
     labels = None if cond is None else cond.get(cond_key)
+    device = model_device(denoiser)
+    model_cond = (
+        None if cond is None else {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in cond.items()}
+    )
     shape = (stats if isinstance(stats, GaussianStatistics) else next(iter(stats.values()))).sample_shape
     g = torch.Generator().manual_seed(seed)
     x_T = torch.randn(num_probes, *shape, generator=g, dtype=torch.float64)
@@ -216,7 +220,8 @@ def choose_skip(
         x_k = gaussian_flow(stats, process, x_T, float(sigmas[0]), float(sigmas[k]), labels).float()
         alpha, sigma = (_scalar(v) for v in process.alpha_sigma(float(sigmas[k])))
         with torch.no_grad():
-            model = denoiser.predict_x0(x_k, float(ts[k]), alpha, sigma, cond=cond).double().flatten(1).cpu()
+            model = denoiser.predict_x0(x_k.to(device), float(ts[k]), alpha, sigma, cond=model_cond)
+        model = model.double().flatten(1).cpu()
         gauss = gaussian_posterior_mean(stats, x_k.double(), alpha, sigma, labels).flatten(1).cpu()
         spread = float((model - model.mean(0)).pow(2).sum())
         err = float((model - gauss).pow(2).sum()) / max(spread, 1e-300)
@@ -309,7 +314,7 @@ class GaussianTeleport:
         if x_T is None:
             if shape is None:
                 raise ValueError("give the batch shape (N, ...) or x_T")
-            run_device = torch.device(device) if device is not None else torch.device("cpu")
+            run_device = torch.device(device) if device is not None else model_device(denoiser)
             x_T = noise.draw(0, int(shape[0]), tuple(shape[1:]), run_device, dtype)
             x_T = x_T * process.init_noise_sigma(float(schedule.sigmas[0]))
         cond = sample_kwargs.get("cond")

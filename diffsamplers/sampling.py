@@ -23,7 +23,7 @@ from .schedules.schedule import Schedule
 from .schedules.spacing import check_num_steps, default_schedule
 from .solvers.base import Solver, SolverPlan
 
-__all__ = ["sample", "StepInfo", "NonFiniteError", "run_plan"]
+__all__ = ["sample", "StepInfo", "NonFiniteError", "run_plan", "model_device"]
 
 
 class NonFiniteError(FloatingPointError):
@@ -120,7 +120,8 @@ def _raise_if_bad(sums: torch.Tensor, plan: SolverPlan, offset: int) -> None:
     )
 
 
-def _model_device(denoiser: Denoiser) -> torch.device:
+def model_device(denoiser: Denoiser) -> torch.device:
+    """The device of the denoiser's network (its first parameter or buffer), else the CPU."""
     model = denoiser.model
     if isinstance(model, torch.nn.Module):
         for p in model.parameters():
@@ -199,7 +200,7 @@ def sample(
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     chunk = total if batch_size is None else int(batch_size)
     run_device = (
-        torch.device(device) if device is not None else (x_T.device if x_T is not None else _model_device(denoiser))
+        torch.device(device) if device is not None else (x_T.device if x_T is not None else model_device(denoiser))
     )
     if not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating dtype, got {dtype}")

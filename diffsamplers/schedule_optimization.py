@@ -30,6 +30,7 @@ def optimize_for_model(
     settings: AYSSettings | None = None,
     metric_samples: int = 256,
     metric_seed: int = 1_000_003,
+    reference_steps: int = 1000,
     checkpoint: str | Path | None = None,
     resume: bool = True,
     plot: str | Path | None = None,
@@ -49,7 +50,7 @@ def optimize_for_model(
     if device is not None and isinstance(bundle.denoiser.model, torch.nn.Module):
         bundle.denoiser.model.to(device)
     run_device = device or "cpu"
-    val = validation_set(bundle, metric_samples, metric_seed, run_device)
+    val = validation_set(bundle, metric_samples, metric_seed, run_device, reference_steps)
     metric = SolverErrorMetric(bundle.denoiser, solver_from_name(solver), val.x_T, val.reference, cond=val.cond)
     out = Path(out)
     checkpoint = checkpoint or out.with_name(out.stem + ".checkpoint.safetensors")

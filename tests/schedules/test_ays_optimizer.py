@@ -202,3 +202,28 @@ def test_learned_schedule_beats_hand_made_ones_on_the_mixture():
         karras(process, 10, final="zero"),
     ):
         assert ours < err(base)
+
+
+def test_optimize_a_saved_diffusers_pipeline(tmp_path):
+    """``diffusers:<dir>``: a locally saved pipeline (random tiny UNet) with data from a tensor file."""
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    from diffsamplers.schedule_optimization import optimize_for_model
+    from tests.adapters.test_pipelines import _tiny_unet
+
+    DDPMPipeline(unet=_tiny_unet(), scheduler=DDPMScheduler()).save_pretrained(tmp_path / "pipe")
+    torch.save(torch.rand(40, 3, 16, 16) * 2 - 1, tmp_path / "data.pt")
+    settings = AYSSettings(num_steps=3, refinements=0, num_samples=8, max_sweeps=1, batch_size=32)
+    learned = optimize_for_model(
+        f"diffusers:{tmp_path / 'pipe'}",
+        "ddim",
+        3,
+        tmp_path / "l.safetensors",
+        settings,
+        metric_samples=2,
+        reference_steps=20,
+        data=str(tmp_path / "data.pt"),
+        log=None,
+    )
+    assert learned.levels(3).size == 4 and learned.metadata["metric"].endswith("20-step reference")
+    assert len(learned.metadata["metric_history"]) == 2
