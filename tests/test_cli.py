@@ -92,3 +92,30 @@ def test_bench_step_overhead_script_runs(tmp_path):
     ours = next(r for r in rows if r["loop"] == "diffsamplers sample(), 2M, check_finite=False")
     assert ours["host_reads_per_run"] == 0
     assert all(r["ms_per_step"]["1"] > 0 for r in rows)
+
+
+def test_bench_throughput_script_runs(tmp_path):
+    out = tmp_path / "throughput.json"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "bench_throughput.py"),
+            "--device",
+            "cpu",
+            "--batch",
+            "2",
+            "--models",
+            "digits",
+            "--repeats",
+            "1",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["ours_images_per_s"] > 0 and row["diffusers_images_per_s"] > 0
+    assert 0.0 <= row["scheduler_share_ours"] < 1.0

@@ -1,0 +1,33 @@
+"""Solvers by name, for the command line and evaluation jobs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from .base import Solver
+from .ddim import DDIM
+from .dpm_solver_pp import DPMSolverPlusPlus
+from .dpm_solver_pp_singlestep import DPMSolverPlusPlusSinglestep
+from .euler import Euler
+
+__all__ = ["SOLVERS", "make_solver"]
+
+SOLVERS: dict[str, Callable[[], Solver]] = {
+    "ddim": DDIM,
+    "ddim-eta1": lambda: DDIM(eta=1.0),
+    "euler": Euler,
+    "dpm++1": lambda: DPMSolverPlusPlus(1),
+    "dpm++2m": lambda: DPMSolverPlusPlus(2),
+    "dpm++3m": lambda: DPMSolverPlusPlus(3),
+    "dpm++2s": lambda: DPMSolverPlusPlusSinglestep(2),
+    "dpm++3s": lambda: DPMSolverPlusPlusSinglestep(3),
+    "sde-dpm++2m": lambda: DPMSolverPlusPlus(2, sde=True),
+}
+
+
+def make_solver(name: str) -> Solver:
+    """A solver from its short name (see :data:`SOLVERS`)."""
+    try:
+        return SOLVERS[name]()
+    except KeyError:
+        raise ValueError(f"unknown solver {name!r}: expected one of {sorted(SOLVERS)}") from None
