@@ -5,7 +5,7 @@ contains every target level exactly: each target interval is cut into pieces of 
 time, their number proportional to the interval's length. For diffusers' integer grids and 1,000 steps
 this is exactly every training timestep 999, 998, …, 0 (then σ̃ = 0 if the target ends there).
 :func:`reference_trajectory` integrates the probability-flow ODE on it from the same x_T (by default
-DPM-Solver++ 2M, with the same denoiser, conditions and guidance scale as the run it serves) and records
+DPM-Solver++ 3M, with the same denoiser, conditions and guidance scale as the run it serves) and records
 the sample at every target level, so the state after target step k is compared with the reference at
 the same noise level (the alignment the DC-Solver reference code gets wrong, see the reference notes
 §2.7). With classifier-free guidance this is the solution of the *guided* ODE.
@@ -13,7 +13,7 @@ the same noise level (the alignment the DC-Solver reference code gets wrong, see
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -26,7 +26,7 @@ from .schedules.schedule import Schedule
 from .solvers.base import Solver
 from .solvers.dpm_solver_pp import DPMSolverPlusPlus
 
-__all__ = ["refine_schedule", "reference_trajectory", "DEFAULT_REFERENCE_STEPS"]
+__all__ = ["refine_schedule", "reference_trajectory", "reference_trajectories", "DEFAULT_REFERENCE_STEPS"]
 
 DEFAULT_REFERENCE_STEPS = 1000
 
@@ -106,7 +106,7 @@ def reference_trajectory(
     with torch.no_grad():
         final = sample(
             denoiser,
-            solver if solver is not None else DPMSolverPlusPlus(2),
+            solver if solver is not None else DPMSolverPlusPlus(3),
             fine,
             x_T=x_T,
             cond=cond,
@@ -119,3 +119,30 @@ def reference_trajectory(
         )
     out[-1] = final.detach().to("cpu", dtype)
     return out
+
+
+def _union_schedule(process: NoiseProcess, schedules: Sequence[Schedule]) -> Schedule:
+    """All levels of ``schedules`` in one schedule (each keeps its model timestep where it is evaluated)."""
+    timestep_of: dict[float, float] = {}
+    finals = set()
+    for sched in schedules:
+        for level, ts in zip(sched.sigmas[:-1], sched.model_timesteps(process)):
+            timestep_of.setdefault(float(level), float(ts))
+        finals.add(float(sched.sigmas[-1]))
+    levels = sorted(set(timestep_of) | finals, reverse=True)
+    ts = [timestep_of.get(level, float(process.timestep_from_sigma_tilde(np.asarray(level)))) for level in levels[:-1]]
+    return Schedule(np.asarray(levels), timesteps=np.asarray(ts), metadata={"spacing": "union"})
+
+
+def reference_trajectories(
+    denoiser: Denoiser, schedules: Sequence[Schedule], x_T: torch.Tensor, **kwargs: Any
+) -> list[torch.Tensor]:
+    """:func:`reference_trajectory` for several schedules from the same x_T with one fine-grid run (on the
+    union of their levels); entry i has shape (N_i + 1, *x_T.shape). Every schedule must start at the same
+    level."""
+    if len({float(s.sigmas[0]) for s in schedules}) != 1:
+        raise ValueError("reference_trajectories needs schedules that start at the same noise level")
+    union = _union_schedule(denoiser.process, schedules)
+    rows = reference_trajectory(denoiser, union, x_T, **kwargs)
+    position = {float(level): i for i, level in enumerate(union.sigmas)}
+    return [rows[[position[float(level)] for level in s.sigmas]] for s in schedules]
