@@ -9,6 +9,8 @@ from diffsamplers.schedules import diffusers_spacing, uniform_logsnr
 from diffsamplers.trajectory import reference_trajectories, reference_trajectory, refine_schedule
 from tests.helpers import SMOOTH_MIXTURE
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 PROCESS = default_process()
 
 

@@ -16,6 +16,8 @@ from diffsamplers.noise import noise_process_from_config
 from diffsamplers.schedules.diffusers_compat import schedule_from_scheduler_config
 from tests.helpers import SMOOTH_MIXTURE, scheduler_loop
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 RATIOS8 = [1.0, 1.0, 0.9, 1.1, 1.05, 0.95, 1.2, 1.3]
 
 

@@ -18,6 +18,8 @@ from diffsamplers.prediction import to_x0
 from tests.adapters.test_dpm_parity import TOL, assert_parity
 from tests.helpers import SMOOTH_MIXTURE, scheduler_loop
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 GMM = SMOOTH_MIXTURE
 STEPS = [1, 2, 3, 5, 10, 25]
 

@@ -10,6 +10,8 @@ from diffsamplers.models.conditional_gmm import ClassConditionalMixture, GuidedM
 from diffsamplers.models.gmm import default_process, reference_solution
 from diffsamplers.schedules import diffusers_spacing
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 PROCESS = default_process()
 MIX = ClassConditionalMixture.random(num_classes=3, components_per_class=2, sample_shape=(1, 4, 4), seed=3)
 

@@ -18,6 +18,8 @@ from diffsamplers.models.gmm import default_mixture, default_process
 from diffsamplers.schedules import diffusers_spacing, uniform_logsnr
 from diffsamplers.solvers.dc_solver import compensation_times, lagrange_weights
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 PROCESS = default_process()
 GMM = default_mixture()
 
