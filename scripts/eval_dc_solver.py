@@ -1,11 +1,12 @@
 """DC-Solver vs UniPC and DPM-Solver++: error against a 1,000-step reference, the README's tables.
 
-    python scripts/eval_dc_solver.py --problem gmm-cond --guidance 1 7.5 --json docs/dc_eval_gmm_cond.json
+    python scripts/eval_dc_solver.py --problem gmm-cond --guidance 1 7.5 --plug-in --unseen 7 4 --json out.json
     python scripts/eval_dc_solver.py --problem gmm --guidance 1
     python scripts/eval_dc_solver.py --problem mypkg.models:dc_problem --guidance 1 7.5 --ratio-dir ratios/
 
 For each guidance scale and NFE: ratios searched on ``--search`` datapoints, scored on ``--eval`` other
-ones; the CPR row predicts each configuration's ratios from a fit on all the others (leave-one-out).
+ones; the CPR row predicts each configuration's ratios from a fit on all the others (leave-one-out, for
+interior NFEs) and, for ``--unseen NFE SCALE`` configurations off the grid, from a fit on the whole grid.
 ``--ratio-dir`` keeps the searched ratios (resumable).
 """
 
@@ -25,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--problem", default="gmm-cond", help="gmm, gmm-cond or package.module:factory")
     parser.add_argument("--nfe", type=int, nargs="+", default=[5, 6, 8, 10])
     parser.add_argument("--guidance", type=float, nargs="+", default=[1.0])
+    parser.add_argument("--unseen", nargs=2, action="append", default=[], metavar=("NFE", "SCALE"))
     parser.add_argument("--eval", type=int, default=64, help="samples scored per configuration")
     parser.add_argument("--search", type=int, default=10, help="datapoints the ratios are searched on")
     parser.add_argument("--seed", type=int, default=0)
@@ -48,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         problem,
         nfes=args.nfe,
         guidance_scales=args.guidance,
+        unseen=[(int(n), float(g)) for n, g in args.unseen],
         num_eval=args.eval,
         num_search=args.search,
         seed=args.seed,
