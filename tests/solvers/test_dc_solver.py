@@ -164,3 +164,30 @@ def test_img2img_start_with_compensation(x_T):
     assert torch.isfinite(x).all()
     # with 1 or 2 stored predictions: no compensation (it needs 3); from 3 on the planned step applies
     assert [len(s.compensation) for s in plan.steps[4].lower] == [0, 0] and len(plan.steps[4].compensation) == 3
+
+
+@pytest.mark.gpu
+def test_no_cuda_synchronisation_in_the_loop():
+    """On a GPU: 0 synchronising calls per 25-step UniPC / DC-Solver loop, in sample() and in the scheduler."""
+    from diffsamplers import DCSolverScheduler
+    from diffsamplers.diagnostics import count_cuda_syncs
+
+    den = Denoiser(_Linear(), PROCESS, "epsilon")
+    x_T = torch.randn(4, 4, 64, 64, device="cuda")
+    for solver in (UniPC(2), UniPC(3, "bh1"), DCSolver([1.0, 1.0] + [1.1] * 23)):
+        run = lambda: sample(den, solver, 25, x_T=x_T, progress=False, check_finite=False)  # noqa: B023, E731
+        run()
+        assert count_cuda_syncs(run)[1] == 0, solver.name
+    sched = DCSolverScheduler(dc_ratios=[1.0, 1.0] + [1.1] * 23)
+    sched.check_finite = False
+
+    def loop():
+        x = x_T
+        for t in sched.timesteps:
+            x = sched.step(0.1 * x, t, x).prev_sample
+        return x
+
+    for counted in (False, True):
+        sched.set_timesteps(25, device="cuda")  # host-side planning, outside the counted loop
+        syncs = count_cuda_syncs(loop)[1] if counted else loop() is None
+    assert syncs == 0
