@@ -95,4 +95,6 @@ def test_bench_step_overhead_script_runs(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     ours = next(r for r in rows if r["loop"] == "diffsamplers sample(), 2M, check_finite=False")
     assert ours["host_reads_per_run"] == 0
+    dc = next(r for r in rows if r["loop"] == "diffsamplers sample(), DC-Solver, check_finite=False")
+    assert dc["host_reads_per_run"] == 0 and dc["ratio_vs_unipc"]["1"] > 0
     assert all(r["ms_per_step"]["1"] > 0 for r in rows)
