@@ -8,11 +8,13 @@ from .noise import ContinuousVP, DiscreteVP, NoiseProcess, RectifiedFlow, Varian
 from .rng import NoiseSource
 from .sampling import NonFiniteError, StepInfo, sample
 from .schedules import Schedule
-from .solvers import DDIM, DPMSolverPlusPlus, DPMSolverPlusPlusSinglestep, DynamicThresholding, Euler
+from .solvers import DDIM, DCSolver, DPMSolverPlusPlus, DPMSolverPlusPlusSinglestep, DynamicThresholding, Euler, UniPC
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DCSolver",
+    "DCSolverScheduler",
     "DDIM",
     "ContinuousVP",
     "DPMSolverPlusPlus",
@@ -28,6 +30,7 @@ __all__ = [
     "RectifiedFlow",
     "Schedule",
     "StepInfo",
+    "UniPC",
     "VarianceExploding",
     "noise_process_from_config",
     "sample",
@@ -40,4 +43,8 @@ def __getattr__(name: str):
         from .adapters.dpm_solver_pp_scheduler import DPMSolverPlusPlusScheduler
 
         return DPMSolverPlusPlusScheduler
+    if name == "DCSolverScheduler":
+        from .adapters.dc_solver_scheduler import DCSolverScheduler
+
+        return DCSolverScheduler
     raise AttributeError(f"module 'diffsamplers' has no attribute {name!r}")

@@ -1,6 +1,7 @@
 """diffusers adapters: scheduler classes over this package's solvers (never a second copy of the maths)."""
 
+from .dc_solver_scheduler import DCSolverScheduler
 from .dpm_solver_pp_scheduler import DPMSolverPlusPlusScheduler
 from .scheduler_base import SolverScheduler
 
-__all__ = ["DPMSolverPlusPlusScheduler", "SolverScheduler"]
+__all__ = ["DCSolverScheduler", "DPMSolverPlusPlusScheduler", "SolverScheduler"]
