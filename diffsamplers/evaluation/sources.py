@@ -2,8 +2,10 @@
 
 A model is the bundled digits model (``"digits"``) or a diffusers pipeline folder with ``unet/``
 (``UNet2DModel``) and ``scheduler/``. A sampler is one of our solvers by name (see
-:data:`diffsamplers.solvers.registry.SOLVERS`) on a named schedule, or a diffusers scheduler class
-(``"diffusers:DPMSolverMultistepScheduler"``) run through a pipeline. Every sample index has its own seed
+:data:`diffsamplers.solvers.registry.SOLVERS`) on a named schedule (``"linspace"``, or ``"linspace/sigma_min"``
+to name the final level too), DC-Solver (``"dc-solver"``: ratios predicted by the cascade polynomial
+regression shipped in the model folder as ``dc_solver_cpr.safetensors``; ``"dc-solver:PATH"``: a ratio or CPR
+file), or a diffusers scheduler class (``"diffusers:DPMSolverMultistepScheduler"``) run through a pipeline. Every sample index has its own seed
 (:func:`diffsamplers.evaluation.shards.sample_seed`), so the images of an index never depend on the batch,
 the process or the sampler family.
 """
@@ -23,6 +25,7 @@ from ..denoiser import Denoiser
 from ..noise import NoiseProcess, noise_process_from_config
 from ..sampling import sample
 from ..schedules.spacing import build_schedule
+from ..solvers.base import Solver
 from ..solvers.registry import make_solver
 from .shards import sample_seed
 
@@ -34,6 +37,7 @@ DIFFUSERS_PREFIX = "diffusers:"
 @dataclass
 class ModelSource:
     name: str
+    path: Path
     unet: torch.nn.Module
     process: NoiseProcess
     scheduler_config: dict[str, Any]
@@ -73,6 +77,7 @@ def load_model_source(spec: str | Path = "digits", device: str | torch.device | 
     embeds = unet.config.num_class_embeds or 0
     return ModelSource(
         name=str(spec),
+        path=root,
         unet=unet,
         process=noise_process_from_config(config),
         scheduler_config=config,
@@ -98,8 +103,11 @@ def make_sampler(
         return _diffusers_sampler(
             source, solver[len(DIFFUSERS_PREFIX) :], steps, schedule, guidance_scale, seed, classes, batch_size
         )
-    solver_obj = make_solver(solver)
-    sched = build_schedule(source.process, steps, schedule)
+    spacing, _, final = schedule.partition("/")
+    sched = build_schedule(source.process, steps, spacing, final or None)  # type: ignore[arg-type]
+    solver_obj = (
+        _dc_solver(source, solver, steps, guidance_scale) if solver.startswith("dc-solver") else make_solver(solver)
+    )
     denoiser = Denoiser(source.unet, source.process, source.prediction_type)
 
     def run(indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,6 +131,29 @@ def make_sampler(
         return to_uint8(x.cpu()), labels
 
     return run
+
+
+def _dc_solver(source: ModelSource, spec: str, steps: int, guidance_scale: float) -> Solver:
+    """DC-Solver with ratios from a ratio file or a CPR fit (the model folder's, by default)."""
+    from ..dc.cpr import CascadePolynomialRegression
+    from ..dc.ratios import DCRatios
+    from ..solvers.dc_solver import DCSolver
+
+    _, _, path = spec.partition(":")
+    file = Path(path) if path else source.path / "dc_solver_cpr.safetensors"
+    if not file.exists():
+        raise FileNotFoundError(
+            f"no DC-Solver ratios at {file}: search them with scripts/search_dc_ratios.py and fit a CPR with "
+            "scripts/fit_cpr.py, then pass dc-solver:PATH"
+        )
+    try:
+        ratios = CascadePolynomialRegression.load(file).predict(steps, guidance_scale)
+    except Exception:  # noqa: BLE001 - not a CPR file: a searched ratio file
+        found = DCRatios.load(file)
+        if found.nfe != steps:
+            raise ValueError(f"{file} holds ratios for {found.nfe} steps, not {steps}") from None
+        ratios = found.ratios
+    return DCSolver(ratios)
 
 
 def _diffusers_sampler(

@@ -9,6 +9,7 @@ from .ddim import DDIM
 from .dpm_solver_pp import DPMSolverPlusPlus
 from .dpm_solver_pp_singlestep import DPMSolverPlusPlusSinglestep
 from .euler import Euler
+from .unipc import UniPC
 
 __all__ = ["SOLVERS", "make_solver"]
 
@@ -22,12 +23,15 @@ SOLVERS: dict[str, Callable[[], Solver]] = {
     "dpm++2s": lambda: DPMSolverPlusPlusSinglestep(2),
     "dpm++3s": lambda: DPMSolverPlusPlusSinglestep(3),
     "sde-dpm++2m": lambda: DPMSolverPlusPlus(2, sde=True),
+    "unipc": lambda: UniPC(2, "bh2"),
+    "unipc-bh1": lambda: UniPC(2, "bh1"),
+    "unipc3": lambda: UniPC(3, "bh2"),
 }
 
 
 def make_solver(name: str) -> Solver:
-    """A solver from its short name (see :data:`SOLVERS`)."""
+    """A solver from its short name (see :data:`SOLVERS`; DC-Solver needs ratios: see ``evaluation.sources``)."""
     try:
         return SOLVERS[name]()
     except KeyError:
-        raise ValueError(f"unknown solver {name!r}: expected one of {sorted(SOLVERS)}") from None
+        raise ValueError(f"unknown solver {name!r}: expected one of {sorted(SOLVERS)} or dc-solver[:RATIOS]") from None
