@@ -10,16 +10,20 @@ from .sampling import NonFiniteError, StepInfo, sample
 from .schedules import Schedule
 from .solvers import (
     DDIM,
+    DCSolver,
     DPMSolverPlusPlus,
     DPMSolverPlusPlusSinglestep,
     DynamicThresholding,
     Euler,
     ExposureBiasTimeShift,
+    UniPC,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DCSolver",
+    "DCSolverScheduler",
     "DDIM",
     "ContinuousVP",
     "DPMSolverPlusPlus",
@@ -36,6 +40,7 @@ __all__ = [
     "RectifiedFlow",
     "Schedule",
     "StepInfo",
+    "UniPC",
     "VarianceExploding",
     "noise_process_from_config",
     "sample",
@@ -48,4 +53,8 @@ def __getattr__(name: str):
         from .adapters.dpm_solver_pp_scheduler import DPMSolverPlusPlusScheduler
 
         return DPMSolverPlusPlusScheduler
+    if name == "DCSolverScheduler":
+        from .adapters.dc_solver_scheduler import DCSolverScheduler
+
+        return DCSolverScheduler
     raise AttributeError(f"module 'diffsamplers' has no attribute {name!r}")

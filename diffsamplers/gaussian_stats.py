@@ -193,9 +193,9 @@ class GaussianStatistics:
         """Write as safetensors (``mean``, ``eigvals``, ``eigvecs``) with the rest as JSON metadata."""
         return save_artifact(
             path,
-            _KIND,
             {"mean": self.mean, "eigvals": self.eigvals, "eigvecs": self.eigvecs},
             {
+                "kind": _KIND,
                 "residual_variance": self.residual_variance,
                 "sample_shape": list(self.sample_shape),
                 "num_samples": self.num_samples,
@@ -359,7 +359,7 @@ def save_class_statistics(path: str | Path, stats: dict[int, GaussianStatistics]
             "num_samples": st.num_samples,
             "source": st.source,
         }
-    return save_artifact(path, _CLASS_KIND, tensors, {"classes": meta})
+    return save_artifact(path, tensors, {"kind": _CLASS_KIND, "classes": meta})
 
 
 def load_class_statistics(path: str | Path) -> dict[int, GaussianStatistics]:

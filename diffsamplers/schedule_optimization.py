@@ -13,11 +13,11 @@ from typing import Any
 
 import torch
 
-from .evaluation import SolverErrorMetric, validation_set
+from .evaluation.solver_error import SolverErrorMetric, validation_set
 from .models.registry import load_model
 from .schedules.ays_learned import LearnedSchedule, plot_schedules
 from .schedules.ays_optimizer import AYSSettings, optimize_schedule
-from .solvers.registry import solver_from_name
+from .solvers.registry import make_solver
 
 __all__ = ["optimize_for_model"]
 
@@ -51,7 +51,7 @@ def optimize_for_model(
         bundle.denoiser.model.to(device)
     run_device = device or "cpu"
     val = validation_set(bundle, metric_samples, metric_seed, run_device, reference_steps)
-    metric = SolverErrorMetric(bundle.denoiser, solver_from_name(solver), val.x_T, val.reference, cond=val.cond)
+    metric = SolverErrorMetric(bundle.denoiser, make_solver(solver), val.x_T, val.reference, cond=val.cond)
     out = Path(out)
     checkpoint = checkpoint or out.with_name(out.stem + ".checkpoint.safetensors")
     describe = {
@@ -73,7 +73,7 @@ def optimize_for_model(
         log=log,
     )
     learned.metadata["metric"] = (
-        f"RMS error of {solver} vs {'exact' if bundle.exact_reference else '1000-step'} reference"
+        f"RMS error of {solver} vs {'exact' if bundle.exact_reference else f'{reference_steps}-step'} reference"
     )
     learned.save(out)
     if plot:

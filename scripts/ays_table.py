@@ -16,13 +16,13 @@ import json
 from pathlib import Path
 
 from diffsamplers import sample
-from diffsamplers.evaluation import evaluate, validation_set
+from diffsamplers.evaluation.solver_error import evaluate, validation_set
 from diffsamplers.models.registry import load_model
 from diffsamplers.schedule_optimization import optimize_for_model
 from diffsamplers.schedules import karras, uniform_logsnr, uniform_time
 from diffsamplers.schedules.ays_learned import LearnedSchedule
 from diffsamplers.schedules.ays_optimizer import AYSSettings
-from diffsamplers.solvers.registry import solver_from_name
+from diffsamplers.solvers.registry import make_solver
 
 
 def main() -> None:
@@ -81,7 +81,7 @@ def main() -> None:
         print(f"wrote {path} ({learned[n].metadata['seconds']} s)")
 
     evaluation = validation_set(bundle, args.eval_samples, args.eval_seed, device)
-    solver = solver_from_name(args.solver)
+    solver = make_solver(args.solver)
     schedules = {
         "uniform time": lambda n: uniform_time(process, n),
         "uniform logSNR": lambda n: uniform_logsnr(process, n),

@@ -4,8 +4,8 @@ The "model" is a single elementwise kernel (0.1·x), so what is timed is the sam
 ``set_timesteps``, ``scale_model_input`` and ``step`` for diffusers (as its pipelines call them), and
 ``diffsamplers.sample`` (plan, denoiser call, solver update) for ours, plus our diffusers adapter driven
 like a pipeline. Latents are (B, 4, 64, 64) with Stable Diffusion's β schedule, 25 steps; fp16 on CUDA,
-fp32 on the CPU. Reported: median ms per step over repeats, the ratio to diffusers' DPMSolverMultistep,
-and device→host reads per 25-step run — counted at the dispatcher on every device
+fp32 on the CPU. Reported: median ms per step over repeats, the ratios to diffusers' DPMSolverMultistep
+and UniPCMultistep (the baseline of our UniPC / DC-Solver rows), and device→host reads per 25-step run — counted at the dispatcher on every device
 (:class:`diffsamplers.diagnostics.HostReadCounter`) and, on CUDA, also with
 ``torch.cuda.set_sync_debug_mode``.
 
@@ -42,13 +42,17 @@ def _diffusers_loop(cls: type, **config) -> Callable[[torch.Tensor], torch.Tenso
     return run
 
 
-def _our_loop(order: int = 2, check_finite: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
+#: Compensation ratios for the timing rows (any values ≠ 1 cost the same); the first two steps use 1.
+DC_RATIOS = [1.0, 1.0] + [1.05] * (STEPS - 2)
+
+
+def _our_loop(order: int = 2, check_finite: bool = True, solver=None) -> Callable[[torch.Tensor], torch.Tensor]:
     from diffsamplers import Denoiser, DiscreteVP, DPMSolverPlusPlus, sample
     from diffsamplers.schedules import diffusers_spacing
 
     process = DiscreteVP.from_beta_schedule(**SD)
     denoiser = Denoiser(lambda x, t: 0.1 * x, process, "epsilon")
-    solver = DPMSolverPlusPlus(order)
+    solver = DPMSolverPlusPlus(order) if solver is None else solver
     schedule = diffusers_spacing(process, STEPS)
 
     def run(latents: torch.Tensor) -> torch.Tensor:
@@ -97,7 +101,7 @@ def main() -> None:
     from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler, UniPCMultistepScheduler
 
     import diffsamplers
-    from diffsamplers import DPMSolverPlusPlusScheduler
+    from diffsamplers import DCSolver, DCSolverScheduler, DPMSolverPlusPlusScheduler, UniPC
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", nargs="+", default=None, help="devices (default: cpu, and cuda if present)")
@@ -113,16 +117,26 @@ def main() -> None:
         "diffsamplers sample(), DPM-Solver++ 3M": _our_loop(3),
         "diffsamplers DPMSolverPlusPlusScheduler (pipeline-style)": _diffusers_loop(DPMSolverPlusPlusScheduler),
         "diffusers DPMSolverMultistepScheduler": _diffusers_loop(DPMSolverMultistepScheduler),
+        "diffsamplers sample(), UniPC (bh2, order 2)": _our_loop(solver=UniPC(2, "bh2")),
+        "diffsamplers sample(), DC-Solver (UniPC bh2, 2)": _our_loop(solver=DCSolver(DC_RATIOS, UniPC(2, "bh2"))),
+        "diffsamplers sample(), DC-Solver, check_finite=False": _our_loop(
+            check_finite=False, solver=DCSolver(DC_RATIOS, UniPC(2, "bh2"))
+        ),
+        "diffsamplers DCSolverScheduler, ratios 1 (= UniPC)": _diffusers_loop(DCSolverScheduler),
+        "diffsamplers DCSolverScheduler, DC ratios": _diffusers_loop(DCSolverScheduler, dc_ratios=DC_RATIOS),
         "diffusers UniPCMultistepScheduler": _diffusers_loop(UniPCMultistepScheduler),
         "diffusers EulerDiscreteScheduler": _diffusers_loop(EulerDiscreteScheduler),
     }
     baseline = "diffusers DPMSolverMultistepScheduler"
+    unipc = "diffusers UniPCMultistepScheduler"
     rows = []
     for device in devices:
         dtype = torch.float16 if device == "cuda" else torch.float32
         name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine()
         print(f"\n## {device} ({name}), {dtype}, {STEPS} steps, latents (B, 4, 64, 64)")
-        header = f"{'loop':<58}" + "".join(f"{'ms/step B=' + str(b):>16}{'vs DPM':>8}" for b in args.batch)
+        header = f"{'loop':<58}" + "".join(
+            f"{'ms/step B=' + str(b):>16}{'vs DPM':>8}{'vs UniPC':>9}" for b in args.batch
+        )
         header += f"{'host reads/run':>16}" + (f"{'CUDA syncs/run':>16}" if device == "cuda" else "")
         print(header)
         results = {}
@@ -133,11 +147,19 @@ def main() -> None:
         latents = torch.randn(1, 4, 64, 64).to(device, dtype)
         for label, fn in loops.items():
             line = f"{label:<58}"
-            row = {"device": device, "device_name": name, "loop": label, "ms_per_step": {}, "ratio_vs_dpm": {}}
+            row = {
+                "device": device,
+                "device_name": name,
+                "loop": label,
+                "ms_per_step": {},
+                "ratio_vs_dpm": {},
+                "ratio_vs_unipc": {},
+            }
             for b in args.batch:
-                ms, ratio = results[(label, b)], results[(label, b)] / results[(baseline, b)]
-                row["ms_per_step"][b], row["ratio_vs_dpm"][b] = ms, ratio
-                line += f"{ms:>16.3f}{ratio:>8.2f}"
+                ms = results[(label, b)]
+                ratio, ratio_unipc = ms / results[(baseline, b)], ms / results[(unipc, b)]
+                row["ms_per_step"][b], row["ratio_vs_dpm"][b], row["ratio_vs_unipc"][b] = ms, ratio, ratio_unipc
+                line += f"{ms:>16.3f}{ratio:>8.2f}{ratio_unipc:>9.2f}"
             row["host_reads_per_run"] = _host_reads(fn, latents)
             line += f"{row['host_reads_per_run']:>16d}"
             if device == "cuda":

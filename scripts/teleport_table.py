@@ -18,12 +18,12 @@ from pathlib import Path
 import numpy as np
 
 from diffsamplers import sample
-from diffsamplers.evaluation import evaluate, validation_set
+from diffsamplers.evaluation.solver_error import evaluate, validation_set
 from diffsamplers.gaussian_stats import GaussianStatistics, class_statistics, load_class_statistics
 from diffsamplers.gaussian_teleport import GaussianTeleport, choose_skip
 from diffsamplers.models.registry import load_model
 from diffsamplers.schedules import build_schedule
-from diffsamplers.solvers.registry import solver_from_name
+from diffsamplers.solvers.registry import make_solver
 
 
 def nfe_for_error(nfes: list[int], errors: list[float], target: float) -> float:
@@ -72,7 +72,7 @@ def main() -> None:
         if args.rank and stats.rank > args.rank:
             stats = stats.truncate(args.rank)
         print(f"statistics: {stats.source}, rank {stats.rank} of {stats.dim}, residual {stats.residual_variance:.3g}")
-    solver = solver_from_name(args.solver)
+    solver = make_solver(args.solver)
     evaluation = validation_set(bundle, args.eval_samples, args.eval_seed, device)
 
     def run(sched, tele=None):

@@ -16,11 +16,11 @@ import json
 from pathlib import Path
 
 from diffsamplers import sample
-from diffsamplers.evaluation import evaluate, validation_set
+from diffsamplers.evaluation.solver_error import evaluate, validation_set
 from diffsamplers.models.registry import load_model
 from diffsamplers.schedules import diffusers_spacing
 from diffsamplers.solvers import ExposureBiasTimeShift
-from diffsamplers.solvers.registry import solver_from_name
+from diffsamplers.solvers.registry import make_solver
 
 
 def parse_setting(text: str) -> tuple[int, float, float]:
@@ -55,10 +55,10 @@ def main() -> None:
     metrics = ["rms", *args.sample_metrics]
     rows = {}
     for name in args.solvers:
-        variants = {name: solver_from_name(name)}
+        variants = {name: make_solver(name)}
         for w, c, v in args.settings:
             label = f"{name} + time shift (half width {w}, cutoff {c:g}" + (f", signal variance {v:g})" if v else ")")
-            variants[label] = ExposureBiasTimeShift(solver_from_name(name), half_width=w, cutoff=c, signal_variance=v)
+            variants[label] = ExposureBiasTimeShift(make_solver(name), half_width=w, cutoff=c, signal_variance=v)
         for label, solver in variants.items():
             rows[label] = {}
             for n in args.steps:

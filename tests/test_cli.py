@@ -39,6 +39,10 @@ def test_compare_default_run(default_compare, capsys):
         assert by_name["DPM-Solver++ 3M (reference)"][nfe] == pytest.approx(
             by_name["diffusers DPM-Solver++ 3M"][nfe], rel=1e-3
         )
+    # Our UniPC is diffusers' UniPC; DC-Solver (ratios searched per NFE on other noises) improves on it.
+    for nfe in map(str, report["nfe"]):
+        assert by_name["UniPC (bh2)"][nfe] == pytest.approx(by_name["diffusers UniPC (bh2)"][nfe], rel=1e-3)
+        assert by_name["DC-Solver (bh2, searched)"][nfe] < 0.99 * by_name["UniPC (bh2)"][nfe]
     # Errors fall with NFE, and a uniform-logSNR grid beats diffusers' linspace grid from 10 NFE on.
     assert by_name["DPM-Solver++ 2M"]["50"] < by_name["DPM-Solver++ 2M"]["5"] / 3
     for nfe in ("10", "15", "20", "50"):
@@ -91,4 +95,33 @@ def test_bench_step_overhead_script_runs(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     ours = next(r for r in rows if r["loop"] == "diffsamplers sample(), 2M, check_finite=False")
     assert ours["host_reads_per_run"] == 0
+    dc = next(r for r in rows if r["loop"] == "diffsamplers sample(), DC-Solver, check_finite=False")
+    assert dc["host_reads_per_run"] == 0 and dc["ratio_vs_unipc"]["1"] > 0
     assert all(r["ms_per_step"]["1"] > 0 for r in rows)
+
+
+def test_bench_throughput_script_runs(tmp_path):
+    out = tmp_path / "throughput.json"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "bench_throughput.py"),
+            "--device",
+            "cpu",
+            "--batch",
+            "2",
+            "--models",
+            "digits",
+            "--repeats",
+            "1",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["ours_images_per_s"] > 0 and row["diffusers_images_per_s"] > 0
+    assert 0.0 <= row["scheduler_share_ours"] < 1.0

@@ -9,7 +9,7 @@ import torch
 from scipy.integrate import solve_ivp
 
 from diffsamplers import DPMSolverPlusPlus, sample
-from diffsamplers.data import load_digits_images
+from diffsamplers.data import load_digits_dataset
 from diffsamplers.gaussian_stats import (
     GaussianStatistics,
     class_statistics,
@@ -83,7 +83,7 @@ def test_closed_form_matches_scipy(process, s_from, s_to, kind):
 
 
 def test_statistics_from_data_tensor_and_stream():
-    x, _ = load_digits_images(16)
+    x, _ = load_digits_dataset("all")
     flat = x.reshape(len(x), -1).double()
     exact = GaussianStatistics.from_data(x, batch_size=4096)
     assert exact.sample_shape == (1, 16, 16) and exact.num_samples == 1797
@@ -146,8 +146,8 @@ def test_save_and_load(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["stats.safetensors"]  # no temporary file left behind
     from diffsamplers.artifacts import save_artifact
 
-    save_artifact(tmp_path / "other.safetensors", "learned_schedule", {"x": torch.zeros(1)}, {})
-    with pytest.raises(ValueError, match="holds a 'learned_schedule', not a 'gaussian_statistics'"):
+    save_artifact(tmp_path / "other.safetensors", {"x": torch.zeros(1)}, {"kind": "learned_schedule"})
+    with pytest.raises(ValueError, match="holds 'learned_schedule', not 'gaussian_statistics'"):
         GaussianStatistics.load(tmp_path / "other.safetensors")
 
 
@@ -204,7 +204,7 @@ def test_skip_criterion_and_handover_on_the_mixture():
 
 def test_class_conditional_statistics_and_teleport(tmp_path):
     """A class-conditional model teleports each sample with its class's Gaussian (reference notes §4.5)."""
-    images, labels = load_digits_images(8)
+    images, labels = load_digits_dataset("all", resolution=8)
     per_class = class_statistics((images, labels), batch_size=500)
     assert sorted(per_class) == list(range(10))
     three = images[labels == 3].reshape(-1, 64).double()

@@ -1,7 +1,14 @@
 """diffusers adapters: scheduler classes over this package's solvers (never a second copy of the maths)."""
 
+from .dc_solver_scheduler import DCSolverScheduler
 from .dpm_solver_pp_scheduler import DPMSolverPlusPlusScheduler
 from .exposure_bias_time_shift import TimeShiftHandle, attach_exposure_bias_time_shift
 from .scheduler_base import SolverScheduler
 
-__all__ = ["DPMSolverPlusPlusScheduler", "SolverScheduler", "TimeShiftHandle", "attach_exposure_bias_time_shift"]
+__all__ = [
+    "DCSolverScheduler",
+    "DPMSolverPlusPlusScheduler",
+    "SolverScheduler",
+    "TimeShiftHandle",
+    "attach_exposure_bias_time_shift",
+]

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -115,15 +115,25 @@ class GaussianMixture:
         x = self.means[comp] + torch.einsum("nde,ne->nd", self.eigvecs[comp], self.eigvals[comp].sqrt() * z)
         return x.reshape(n, *self.sample_shape).to(dtype)
 
-    def denoise(self, x: torch.Tensor, alpha: float | torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
-        """E[x0 | x_t = x] for x_t = α x0 + σ ε (α, σ scalars or one value per sample)."""
+    def denoise(
+        self,
+        x: torch.Tensor,
+        alpha: float | torch.Tensor,
+        sigma: float | torch.Tensor,
+        log_weights: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """E[x0 | x_t = x] for x_t = α x0 + σ ε (α, σ scalars or one value per sample).
+
+        ``log_weights`` ((K,) or (B, K)) replaces the log mixture weights, e.g. per sample to condition on a
+        subset of components (−inf excludes a component).
+        """
         if math.prod(x.shape[1:]) != self.dim:
             raise ValueError(f"sample shape {tuple(x.shape[1:])} does not match the mixture's {self.sample_shape}")
         work = compute_dtype(x.dtype)
         b = x.shape[0]
         flat = x.reshape(b, -1).to(work)
         means, eigvals, eigvecs = (t.to(device=x.device, dtype=work) for t in (self.means, self.eigvals, self.eigvecs))
-        log_w = self.weights.to(device=x.device, dtype=work).log()
+        log_w = (self.weights.log() if log_weights is None else log_weights).to(device=x.device, dtype=work)
         a = alpha.to(work).reshape(b, 1, 1) if isinstance(alpha, torch.Tensor) else alpha
         s = sigma.to(work).reshape(b, 1, 1) if isinstance(sigma, torch.Tensor) else sigma
         centred = flat[:, None, :] - a * means[None]  # (B, K, d)
@@ -158,6 +168,11 @@ class GMMModel(torch.nn.Module):
         self.prediction_type = check_prediction_type(prediction_type)
 
     def forward(self, sample: torch.Tensor, timestep: float | torch.Tensor, return_dict: bool = True) -> Any:
+        return self._predict(sample, timestep, return_dict)
+
+    def _predict(
+        self, sample: torch.Tensor, timestep: float | torch.Tensor, return_dict: bool, **denoise_kwargs
+    ) -> Any:
         ts = np.asarray(
             timestep.detach().cpu().double() if isinstance(timestep, torch.Tensor) else timestep, dtype=np.float64
         )
@@ -171,7 +186,10 @@ class GMMModel(torch.nn.Module):
             s = torch.as_tensor(sigma, dtype=work, device=sample.device).view(view)
         x = sample.to(work)
         x0 = self.gmm.denoise(
-            x, a.flatten() if isinstance(a, torch.Tensor) else a, s.flatten() if isinstance(s, torch.Tensor) else s
+            x,
+            a.flatten() if isinstance(a, torch.Tensor) else a,
+            s.flatten() if isinstance(s, torch.Tensor) else s,
+            **denoise_kwargs,
         )
         out = from_x0(x0, x, a, s, self.prediction_type).to(sample.dtype)
         if not return_dict:
@@ -195,8 +213,14 @@ class GMMDenoiser(Denoiser):
         return self.gmm.denoise(x, alpha, sigma)
 
 
+class ExactDenoiser(Protocol):
+    """Anything with an exact ``denoise(x, α, σ)``: a :class:`GaussianMixture`, or a guided class-conditional one."""
+
+    def denoise(self, x: torch.Tensor, alpha: float, sigma: float) -> torch.Tensor: ...
+
+
 def reference_solution(
-    gmm: GaussianMixture,
+    gmm: ExactDenoiser,
     process: NoiseProcess,
     x_T: torch.Tensor,
     sigma_start: float,

@@ -4,7 +4,10 @@
   denoiser, unlimited data, exact reference solutions, analytic Gaussian statistics.
 * ``diffusers:<directory>`` — a diffusers pipeline saved locally (``save_pretrained``; nothing is downloaded);
   its data come from ``data=`` (a ``.pt``/``.npy``/``.safetensors`` tensor file, or ``sklearn-digits``).
-* anything added with :func:`register_model` (e.g. the bundled digits model).
+* ``digits`` — the bundled class-conditional digits model (:func:`~diffsamplers.models.digits.load_digits`),
+  without guidance, labels drawn uniformly; its data are the 1,438 training digits. The sample metric
+  ``fd-digits`` is the Fréchet distance of samples to those digits in the bundled classifier's features.
+* anything added with :func:`register_model`.
 
 Sample metrics (a number from generated samples alone, such as a Fréchet distance) are registered with
 :func:`register_sample_metric` and looked up by name.
@@ -12,6 +15,7 @@ Sample metrics (a number from generated samples alone, such as a Fréchet distan
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +34,7 @@ __all__ = [
     "load_data",
     "MODELS",
     "SAMPLE_METRICS",
+    "fd_digits",
 ]
 
 
@@ -85,12 +90,12 @@ def _gmm(**_: Any) -> ModelBundle:
 
 
 def load_data(spec: str | Path) -> Any:
-    """A data set by name or file: ``sklearn-digits`` (16×16, [−1, 1], with labels) or a tensor file."""
+    """A data set by name or file: ``sklearn-digits`` (the bundled model's 1,438 training images, 16×16 in [−1, 1], with labels) or a tensor file."""
     spec = str(spec)
     if spec in ("sklearn-digits", "digits"):
-        from ..data import load_digits_images
+        from ..data import load_digits_dataset
 
-        return load_digits_images(16)
+        return load_digits_dataset("train")
     path = Path(spec)
     if not path.is_file():
         raise FileNotFoundError(f"no data file {spec!r} (or use 'sklearn-digits')")
@@ -133,8 +138,45 @@ def _diffusers(path: str, data: str | None = None, **_: Any) -> ModelBundle:
     )
 
 
-MODELS: dict[str, Callable[..., ModelBundle]] = {"gmm": _gmm}
-SAMPLE_METRICS: dict[str, Callable[[torch.Tensor, ModelBundle], float]] = {}
+def _digits(**_: Any) -> ModelBundle:
+    from ..data import load_digits_dataset
+    from .digits import load_digits
+
+    model = load_digits()
+    return ModelBundle(
+        name="digits",
+        denoiser=model.denoiser(),
+        sample_shape=(1, model.unet.config.sample_size, model.unet.config.sample_size),
+        data=load_digits_dataset("train"),
+        labels=lambda n, g: torch.randint(0, 10, (n,), generator=g),
+        info={"description": "bundled class-conditional digits UNet (16×16, v-prediction), no guidance"},
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def _digits_feature_reference() -> tuple[Any, Any]:
+    from ..data.digits import load_digits_dataset, to_uint8
+    from ..evaluation.features import DigitsFeatures
+    from ..evaluation.frechet import FeatureStats
+    from .digits import load_digits_classifier
+
+    extractor = DigitsFeatures(load_digits_classifier())
+    images, _ = load_digits_dataset("train")
+    return extractor, FeatureStats(extractor.dim).update(extractor(to_uint8(images)))
+
+
+def fd_digits(samples: torch.Tensor, bundle: ModelBundle | None = None) -> float:
+    """FD-digits of ``samples`` ([−1, 1], (N, 1, 16, 16)) against the 1,438 training digits (not FID)."""
+    from ..data.digits import to_uint8
+    from ..evaluation.frechet import FeatureStats, frechet_distance
+
+    extractor, ref = _digits_feature_reference()
+    stats = FeatureStats(extractor.dim).update(extractor(to_uint8(samples.float().cpu())))
+    return frechet_distance(stats.mu, stats.sigma, ref.mu, ref.sigma)
+
+
+MODELS: dict[str, Callable[..., ModelBundle]] = {"gmm": _gmm, "digits": _digits}
+SAMPLE_METRICS: dict[str, Callable[[torch.Tensor, ModelBundle], float]] = {"fd-digits": fd_digits}
 
 
 def register_model(name: str, factory: Callable[..., ModelBundle]) -> None:

@@ -67,7 +67,7 @@ class LearnedSchedule:
     def save(self, path: str | Path) -> Path:
         """safetensors (``levels_<n>`` per stage, float64) with the metadata as JSON."""
         tensors = {f"levels_{n}": torch.from_numpy(v.copy()) for n, v in self.stages.items()}
-        return save_artifact(path, _KIND, tensors, {"metadata": self.metadata})
+        return save_artifact(path, tensors, {"kind": _KIND, "metadata": self.metadata})
 
     @classmethod
     def load(cls, path: str | Path) -> LearnedSchedule:

@@ -307,12 +307,13 @@ def _save_checkpoint(path: str | Path | None, key: dict[str, Any], state: dict[s
         **{f"stage_{n}": torch.from_numpy(v.copy()) for n, v in state["stages"].items()},
     }
     meta = {
+        "kind": _CHECKPOINT,
         "key": key,
         **{k: state[k] for k in ("stage", "sweep", "best_metric", "since_best", "elapsed")},
         "klub": [float(v) for v in state["klub"]],
         "metric": [float(v) for v in state["metric"]],
     }
-    save_artifact(path, _CHECKPOINT, tensors, meta)
+    save_artifact(path, tensors, meta)
 
 
 def _load_checkpoint(path: str | Path, key: dict[str, Any]) -> dict[str, Any] | None:

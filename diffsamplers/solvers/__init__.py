@@ -1,14 +1,17 @@
 """Solvers: each precomputes its coefficients on the host and updates the sample with a few fused ops."""
 
 from .base import LinearStep, Solver, SolverPlan, SolverState
+from .dc_solver import DCSolver
 from .ddim import DDIM
 from .dpm_solver_pp import DPMSolverPlusPlus
 from .dpm_solver_pp_singlestep import DPMSolverPlusPlusSinglestep
 from .euler import Euler
 from .exposure_bias_time_shift import ExposureBiasTimeShift
 from .thresholding import DynamicThresholding
+from .unipc import UniPC
 
 __all__ = [
+    "DCSolver",
     "DDIM",
     "DPMSolverPlusPlus",
     "DPMSolverPlusPlusSinglestep",
@@ -19,4 +22,5 @@ __all__ = [
     "Solver",
     "SolverPlan",
     "SolverState",
+    "UniPC",
 ]

@@ -1,8 +1,8 @@
 """What every solver shares: a host-side plan of coefficients and a device-side linear update.
 
-Every solver in this package — DDIM, Euler, DPM-Solver++ multistep/singlestep, their SDE variants — is a
-*linear* method: the next sample is a fixed linear combination of the current sample, the stored x̂0
-predictions and fresh Gaussian noise,
+Every solver in this package — DDIM, Euler, DPM-Solver++ multistep/singlestep, their SDE variants, UniPC and
+DC-Solver — is a *linear* method: the next sample is a fixed linear combination of the current sample, the
+stored x̂0 predictions and fresh Gaussian noise,
 
     x_{k+1} = c_x·x_k + c_a·x_anchor + Σ_j c_j·x̂0_{k−j} + c_z·z,
 
@@ -10,6 +10,14 @@ with coefficients that depend only on the schedule. :meth:`Solver.plan` computes
 host in float64; :meth:`Solver.step` then issues a handful of fused tensor ops per model evaluation, with
 no host–device synchronisation and no branch on a device value. The solver's state (the x̂0 history and an
 anchor sample) is explicit and can be re-indexed along the batch, which particle resampling needs.
+
+A step runs in two halves, both linear:
+
+1. :meth:`Solver.correct` stores the new x̂0 and, for predictor–corrector methods (UniPC), replaces the
+   sample by a *corrected* one, x_k ← a·x_anchor + Σ_j b_j·x̂0_{k−j} (the new x̂0 included, so the
+   correction costs no extra model call), which becomes the next anchor;
+2. :meth:`Solver.advance` optionally replaces the newest x̂0 by a fixed combination of the newest ones
+   (DC-Solver's dynamic compensation, ``compensation``) and applies the update above.
 """
 
 from __future__ import annotations
@@ -37,6 +45,11 @@ class LinearStep:
     multiplies the sample saved by the last step with ``save_anchor`` (the start of a singlestep outer step).
     ``lower[m − 1]`` is the same update using only the m newest predictions, for a run that starts in the
     middle of the schedule (img2img) and so has less history than planned.
+
+    ``corrector``, if set, is applied first: the sample becomes ``corrector.x·x + corrector.anchor·anchor +
+    Σ_j corrector.history[j]·x̂0_{k−j}`` (``history[0]`` being the x̂0 just computed), and it is that corrected
+    sample which ``save_anchor`` stores and the update uses. ``compensation``, if set, then replaces the
+    newest stored x̂0 by ``Σ_i compensation[i]·x̂0_{k−i}`` (it stays replaced for later steps).
     """
 
     x: float
@@ -46,6 +59,14 @@ class LinearStep:
     save_anchor: bool = False
     order: int = 1
     lower: tuple[LinearStep, ...] = ()
+    corrector: LinearStep | None = None
+    compensation: tuple[float, ...] = ()
+
+    @property
+    def history_needed(self) -> int:
+        """How many stored predictions (the new one included) this step reads."""
+        corr = 0 if self.corrector is None else len(self.corrector.history)
+        return max(len(self.history), corr, len(self.compensation))
 
 
 #: (c_x, history weights newest first, noise weight) of one update, as arrays of any namespace.
@@ -105,6 +126,37 @@ class SolverState:
             history=[h.index_select(0, index) for h in self.history],
             anchor=None if self.anchor is None else self.anchor.index_select(0, index),
         )
+
+
+def _weighted_sum(terms: Sequence[tuple[float | torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Σ w·t for host-float weights (fused in-place adds) or tensor weights (out of place, differentiable)."""
+    out: torch.Tensor | None = None
+    for w, t in terms:
+        if isinstance(w, torch.Tensor):
+            out = w * t if out is None else out + w * t
+        elif out is None:
+            out = t * w
+        elif w != 0.0:
+            if out.requires_grad or t.requires_grad:
+                out = out + t * w
+            else:
+                out.add_(t, alpha=w)
+    assert out is not None
+    return out
+
+
+def _combine(x: torch.Tensor, c: LinearStep, state: SolverState) -> torch.Tensor:
+    """c.x·x + Σ_j c.history[j]·x̂0_{k−j} + c.anchor·anchor (a new tensor; the inputs are not modified)."""
+    history = state.history
+    terms: list[tuple[float | torch.Tensor, torch.Tensor]] = []
+    if c.x != 0.0 or not (c.anchor != 0.0 or any(c.history)):
+        terms.append((c.x, x))
+    terms += [(coef, history[-1 - j]) for j, coef in enumerate(c.history) if coef != 0.0]
+    if c.anchor != 0.0:
+        if state.anchor is None:
+            raise ValueError("this step needs the anchor sample of an earlier step, and there is none")
+        terms.append((c.anchor, state.anchor))
+    return _weighted_sum(terms)
 
 
 def marginals(process: NoiseProcess, sigmas: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -211,6 +263,16 @@ class Solver(ABC):
         Arithmetic runs in float32 (float64 inputs stay float64) whatever the model dtype; the result is
         in that dtype.
         """
+        c, x = self.correct(plan, state, index, x, x0)
+        return self.advance(state, c, x, noise, index)
+
+    def correct(
+        self, plan: SolverPlan, state: SolverState, index: int, x: torch.Tensor, x0: torch.Tensor
+    ) -> tuple[LinearStep, torch.Tensor]:
+        """First half of :meth:`step`: store ``x0``, apply the corrector if the step has one, save the anchor.
+
+        Returns the step's coefficients (lowered to the history available) and the (corrected) sample.
+        """
         c = plan.steps[index]
         work = compute_dtype(x.dtype)
         if x.dtype != work:
@@ -220,23 +282,41 @@ class Solver(ABC):
         if self.x0_transform is not None:
             x0 = self.x0_transform(x0)
         state.push(x0, plan.history_size)
-        if len(state.history) < len(c.history):
+        if len(state.history) < c.history_needed:
             if len(state.history) > len(c.lower):
                 raise ValueError(f"{self.name} cannot start at step {index}: it needs the history of earlier steps")
             c = c.lower[len(state.history) - 1]
+        if c.corrector is not None:
+            x = _combine(x, c.corrector, state)
         if c.save_anchor:
             state.anchor = x
-        out = x * c.x
-        history = state.history
-        for j, coef in enumerate(c.history):
-            if coef != 0.0:
-                out.add_(history[-1 - j], alpha=coef)
-        if c.anchor != 0.0:
-            out.add_(state.anchor, alpha=c.anchor)
+        return c, x
+
+    def advance(
+        self,
+        state: SolverState,
+        c: LinearStep,
+        x: torch.Tensor,
+        noise: torch.Tensor | None = None,
+        index: int | None = None,
+        compensation: Sequence[float | torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Second half of :meth:`step`: compensate the newest x̂0 if planned, then apply the update ``c``.
+
+        ``compensation`` overrides the planned weights (DC-Solver's ratio search passes weights that are
+        differentiable functions of a ratio); an empty sequence turns compensation off.
+        """
+        weights = c.compensation if compensation is None else tuple(compensation)
+        if weights:
+            history = state.history
+            newest = len(history) - 1
+            compensated = _weighted_sum([(w, history[newest - i]) for i, w in enumerate(weights)])
+            history[newest] = compensated
+        out = _combine(x, c, state)
         if c.noise != 0.0:
             if noise is None:
                 raise ValueError(f"step {index} of {self.name} is stochastic and needs a noise tensor")
-            out.add_(noise.to(work), alpha=c.noise)
+            out.add_(noise.to(out.dtype), alpha=c.noise)
         return out
 
     def __repr__(self) -> str:

@@ -17,9 +17,10 @@ from diffusers import (
     StableDiffusionPipeline,
     UNet2DConditionModel,
     UNet2DModel,
+    UniPCMultistepScheduler,
 )
 
-from diffsamplers import Denoiser, DPMSolverPlusPlus, DPMSolverPlusPlusScheduler, sample
+from diffsamplers import DCSolver, DCSolverScheduler, Denoiser, DPMSolverPlusPlus, DPMSolverPlusPlusScheduler, sample
 from diffsamplers.noise import noise_process_from_config
 from diffsamplers.schedules.diffusers_compat import schedule_from_scheduler_config
 
@@ -209,6 +210,45 @@ def test_our_loop_with_classifier_free_guidance_reproduces_stable_diffusion(sd_p
         ours = sample(
             Denoiser(sd_pipe.unet, process, "epsilon", guidance_scale=6.0),
             DPMSolverPlusPlus(2),
+            schedule_from_scheduler_config(process, full, 6),
+            x_T=x_T,
+            cond={"encoder_hidden_states": cond},
+            uncond={"encoder_hidden_states": uncond},
+            progress=False,
+        )
+    assert torch.allclose(ours, piped, atol=1e-4), float((ours - piped).abs().max())
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_stable_diffusion_dc_solver_drop_in(sd_pipe):
+    """DCSolverScheduler in a real StableDiffusionPipeline (CFG 6): UniPC's numbers with ratios 1."""
+    latents = {}
+    for cls in (UniPCMultistepScheduler, DCSolverScheduler):
+        sd_pipe.scheduler = cls.from_config(
+            sd_pipe.original_scheduler_config, solver_order=3, solver_type="bh1", final_sigmas_type="sigma_min"
+        )
+        latents[cls.__name__] = _run_sd(sd_pipe, num_inference_steps=6)
+    ours, theirs = latents["DCSolverScheduler"], latents["UniPCMultistepScheduler"]
+    assert torch.allclose(ours, theirs, atol=1e-4), float((ours - theirs).abs().max())
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_stable_diffusion_with_dc_ratios(sd_pipe, tmp_path):
+    """Ratios in the JSON config; the pipeline's result equals diffsamplers.sample with DCSolver (CFG 6)."""
+    ratios = [1.0, 1.0, 1.1, 0.9, 1.2, 1.05]
+    sd_pipe.scheduler = DCSolverScheduler.from_config(sd_pipe.original_scheduler_config, dc_ratios=ratios)
+    sd_pipe.scheduler.save_pretrained(tmp_path)
+    sd_pipe.scheduler = DCSolverScheduler.from_pretrained(tmp_path)
+    piped = _run_sd(sd_pipe, num_inference_steps=6)
+    assert list(sd_pipe.scheduler.active_ratios) == ratios
+    with torch.no_grad():
+        cond, uncond = sd_pipe.encode_prompt("a photo of a digit", "cpu", 1, True)
+        x_T = torch.randn((1, 4, 16, 16), generator=torch.Generator().manual_seed(0))
+        full = dict(sd_pipe.scheduler.config)
+        process = noise_process_from_config(full)
+        ours = sample(
+            Denoiser(sd_pipe.unet, process, "epsilon", guidance_scale=6.0),
+            DCSolver(ratios),
             schedule_from_scheduler_config(process, full, 6),
             x_T=x_T,
             cond={"encoder_hidden_states": cond},

@@ -9,8 +9,8 @@ from scipy.optimize import minimize
 
 from diffsamplers import Denoiser, DPMSolverPlusPlus, sample
 from diffsamplers.cli import main
-from diffsamplers.data import load_digits_images
-from diffsamplers.evaluation import SolverErrorMetric, rms_error
+from diffsamplers.data import load_digits_dataset
+from diffsamplers.evaluation.solver_error import SolverErrorMetric, rms_error
 from diffsamplers.gaussian_stats import GaussianStatistics
 from diffsamplers.gaussian_teleport import GaussianDenoiser
 from diffsamplers.models.gmm import default_mixture, default_process, reference_solution
@@ -145,7 +145,7 @@ def test_learned_schedule_file_and_interpolation(tmp_path):
 
 def test_conditional_data_reach_the_model():
     """(images, labels) data: the labels of each banked sample are passed with it (the digits model's path)."""
-    images, labels = load_digits_images(16)
+    images, labels = load_digits_dataset("all")
     seen = []
 
     def net(x, t, class_labels):

@@ -4,9 +4,6 @@ A data source is a tensor of clean samples ``(N, *shape)``, a pair ``(samples, l
 iterable of batches — tensors, ``(samples, labels)`` pairs or ``{"x": samples, ...}`` mappings (e.g. a torch
 ``DataLoader``). :func:`iter_batches` turns any of them into ``(x0, cond)`` batches, ``cond`` being ``None``
 or ``{"class_labels": labels}``; :func:`take` collects a fixed number of samples.
-
-:func:`load_digits_images` gives scikit-learn's bundled 8×8 digits (no download) as images in [−1, 1],
-upsampled, the data of the bundled digits model.
 """
 
 from __future__ import annotations
@@ -16,7 +13,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["DataSource", "iter_batches", "take", "load_digits_images"]
+__all__ = ["DataSource", "iter_batches", "take"]
 
 DataSource = torch.Tensor | tuple | Iterable[Any]
 Batch = tuple[torch.Tensor, dict[str, torch.Tensor] | None]
@@ -84,19 +81,3 @@ def take(data: DataSource, n: int, seed: int | None = 0) -> Batch:
     if any(c is None for c in conds):
         return x, None
     return x, {k: torch.cat([c[k] for c in conds])[:n] for k in conds[0]}
-
-
-def load_digits_images(size: int = 16, mode: str = "bilinear") -> tuple[torch.Tensor, torch.Tensor]:
-    """scikit-learn's 1,797 digits as ``(N, 1, size, size)`` float32 images in [−1, 1], and their labels.
-
-    The 8×8 images (values 0–16) are scaled to [0, 1], upsampled with ``torch.nn.functional.interpolate``
-    (``mode``, ``align_corners=False`` for the linear modes) and mapped to [−1, 1].
-    """
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    x = torch.as_tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    if size != 8:
-        kwargs = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
-        x = torch.nn.functional.interpolate(x, size=(size, size), mode=mode, **kwargs).clamp(0.0, 1.0)
-    return x * 2.0 - 1.0, torch.as_tensor(digits.target, dtype=torch.int64)

@@ -15,16 +15,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .denoiser import Denoiser
-from .sampling import sample
-from .schedules.align_your_steps import AysFinal, schedule_from_levels
-from .schedules.schedule import Schedule
-from .schedules.spacing import uniform_logsnr
-from .solvers.base import Solver
-from .solvers.dpm_solver_pp import DPMSolverPlusPlus
+from ..denoiser import Denoiser
+from ..sampling import sample
+from ..schedules.align_your_steps import AysFinal, schedule_from_levels
+from ..schedules.schedule import Schedule
+from ..schedules.spacing import uniform_logsnr
+from ..solvers.base import Solver
+from ..solvers.dpm_solver_pp import DPMSolverPlusPlus
 
 if TYPE_CHECKING:
-    from .models.registry import ModelBundle
+    from ..models.registry import ModelBundle
 
 __all__ = ["rms_error", "reference_samples", "SolverErrorMetric", "ValidationSet", "validation_set", "evaluate"]
 
@@ -137,7 +137,7 @@ def evaluate(
 ) -> dict[str, float]:
     """``run(x_T, cond)`` on the evaluation noises: RMS error against the reference, plus registered sample
     metrics (:func:`diffsamplers.models.registry.register_sample_metric`) by name."""
-    from .models.registry import sample_metric
+    from ..models.registry import sample_metric
 
     with torch.no_grad():
         out = run(evaluation.x_T, evaluation.cond)

@@ -1,0 +1,1 @@
+"""DC-Solver's learned parts: ratio search, ratio files, cascade polynomial regression, evaluation."""

@@ -1,0 +1,38 @@
+"""Image grids for sample sheets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+__all__ = ["make_grid", "save_grid"]
+
+
+def make_grid(images: torch.Tensor, rows: int, scale: int = 4, padding: int = 1) -> torch.Tensor:
+    """uint8 (N, C, H, W) → one uint8 (H', W', C) grid, ``rows`` rows, each pixel ``scale``× (nearest)."""
+    if images.dtype != torch.uint8 or images.ndim != 4:
+        raise ValueError(f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
+    n, c, h, w = images.shape
+    if rows <= 0 or n % rows:
+        raise ValueError(f"{n} images do not fill {rows} rows")
+    cols = n // rows
+    big = images.repeat_interleave(scale, 2).repeat_interleave(scale, 3)
+    hh, ww = h * scale + padding, w * scale + padding
+    grid = torch.full((c, rows * hh + padding, cols * ww + padding), 255, dtype=torch.uint8)
+    for i in range(n):
+        r, k = divmod(i, cols)
+        grid[:, padding + r * hh : padding + r * hh + h * scale, padding + k * ww : padding + k * ww + w * scale] = big[
+            i
+        ]
+    return grid.permute(1, 2, 0)
+
+
+def save_grid(images: torch.Tensor, rows: int, path: str | Path, scale: int = 4) -> Path:
+    from PIL import Image
+
+    grid = make_grid(images, rows, scale).numpy()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
+    return path
