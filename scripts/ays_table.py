@@ -7,6 +7,12 @@ checkpoints, so an interrupted run resumes. All schedules are evaluated on other
 RMS error against the exact (Gaussian mixture) or 1,000-step reference, and any registered sample metrics.
 
     python scripts/ays_table.py --model gmm --solver dpm++2m --nfe 5 7 10
+    python scripts/ays_table.py --model gmm --solver dc-solver --nfe 5 7 10
+
+``--solver dc-solver``: DC-Solver (UniPC bh2 base) with its compensation ratios searched afresh for every
+schedule and NFE (on ``--search-samples`` other noises, against a 1,000-step trajectory), since ratios belong
+to a grid; the schedules are learned with UniPC's error as the early-stopping signal (the KLUB itself does not
+depend on the solver).
 """
 
 from __future__ import annotations
@@ -16,13 +22,17 @@ import json
 from pathlib import Path
 
 from diffsamplers import sample
-from diffsamplers.evaluation.solver_error import evaluate, validation_set
+from diffsamplers.dc.search import search_dc_ratios
+from diffsamplers.evaluation.solver_error import evaluate, initial_noise, validation_set
 from diffsamplers.models.registry import load_model
 from diffsamplers.schedule_optimization import optimize_for_model
 from diffsamplers.schedules import karras, uniform_logsnr, uniform_time
 from diffsamplers.schedules.ays_learned import LearnedSchedule
 from diffsamplers.schedules.ays_optimizer import AYSSettings
+from diffsamplers.solvers import DCSolver, UniPC
 from diffsamplers.solvers.registry import make_solver
+
+DC_SOLVER = "dc-solver"
 
 
 def main() -> None:
@@ -39,6 +49,10 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=4096)
     p.add_argument("--refine-sweeps", type=int, default=10, help="sweeps per refinement stage (10→20, 20→40)")
+    p.add_argument("--refinements", type=int, default=2, help="refinement stages of the NFE-10 run (10→20→40)")
+    p.add_argument("--max-sweeps", type=int, default=100, help="first-stage sweeps at most (early stopping)")
+    p.add_argument("--reference-steps", type=int, default=1000, help="steps of the reference (no exact one)")
+    p.add_argument("--search-samples", type=int, default=10, help="DC-Solver: datapoints of each ratio search")
     p.add_argument("--sample-metrics", nargs="*", default=[], help="registered sample metrics, e.g. fd_digits")
     p.add_argument("--device", default=None)
     p.add_argument("--json", default=None)
@@ -52,16 +66,18 @@ def main() -> None:
     if args.device and hasattr(bundle.denoiser.model, "to"):
         bundle.denoiser.model.to(device)
 
+    schedule_solver = "unipc" if args.solver == DC_SOLVER else args.solver
     learned: dict[int, LearnedSchedule] = {}
     for n in sorted(set(args.nfe) | {10}):
-        path = out_dir / f"{args.model.replace(':', '_').replace('/', '_')}_{args.solver}_nfe{n}.safetensors"
+        path = out_dir / f"{args.model.replace(':', '_').replace('/', '_')}_{schedule_solver}_nfe{n}.safetensors"
         if path.is_file():
             learned[n] = LearnedSchedule.load(path)
             print(f"loaded {path}")
             continue
         settings = AYSSettings(
             num_steps=n,
-            refinements=2 if n == 10 else 0,
+            refinements=args.refinements if n == 10 else 0,
+            max_sweeps=args.max_sweeps,
             num_samples=args.num_samples,
             seed=args.seed,
             batch_size=args.batch_size,
@@ -69,19 +85,38 @@ def main() -> None:
         )
         learned[n] = optimize_for_model(
             args.model,
-            args.solver,
+            schedule_solver,
             n,
             path,
             settings,
             metric_samples=args.metric_samples,
+            reference_steps=args.reference_steps,
             plot=path.with_suffix(".png"),
             data=args.data,
             device=args.device,
         )
         print(f"wrote {path} ({learned[n].metadata['seconds']} s)")
 
-    evaluation = validation_set(bundle, args.eval_samples, args.eval_seed, device)
-    solver = make_solver(args.solver)
+    evaluation = validation_set(bundle, args.eval_samples, args.eval_seed, device, args.reference_steps)
+    x_search = cond_search = None
+    if args.solver == DC_SOLVER:
+        x_search, cond_search = initial_noise(bundle, args.search_samples, args.eval_seed + 1, device)
+
+    def solver_for(sched):
+        if args.solver != DC_SOLVER:
+            return make_solver(args.solver)
+        dc = DCSolver(base=UniPC(2, "bh2"))
+        found = search_dc_ratios(
+            bundle.denoiser,
+            dc,
+            sched,
+            x_search,
+            model_id=args.model,
+            cond=cond_search,
+            reference_steps=args.reference_steps,
+        )
+        return dc.with_ratios(found.ratios)
+
     schedules = {
         "uniform time": lambda n: uniform_time(process, n),
         "uniform logSNR": lambda n: uniform_logsnr(process, n),
@@ -95,7 +130,8 @@ def main() -> None:
         rows[name] = {}
         for n in args.nfe:
             sched = build(n)
-            run = lambda x_T, cond, sched=sched: sample(  # noqa: E731
+            solver = solver_for(sched)
+            run = lambda x_T, cond, sched=sched, solver=solver: sample(  # noqa: E731
                 bundle.denoiser, solver, sched, x_T=x_T, cond=cond, batch_size=1024, progress=False
             )
             rows[name][n] = evaluate(bundle, evaluation, run, args.sample_metrics)

@@ -26,7 +26,15 @@ from ..solvers.dpm_solver_pp import DPMSolverPlusPlus
 if TYPE_CHECKING:
     from ..models.registry import ModelBundle
 
-__all__ = ["rms_error", "reference_samples", "SolverErrorMetric", "ValidationSet", "validation_set", "evaluate"]
+__all__ = [
+    "rms_error",
+    "reference_samples",
+    "SolverErrorMetric",
+    "ValidationSet",
+    "initial_noise",
+    "validation_set",
+    "evaluate",
+]
 
 
 def rms_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -108,6 +116,22 @@ class ValidationSet:
     cond: dict[str, torch.Tensor] | None
 
 
+def initial_noise(
+    bundle: ModelBundle,
+    num_samples: int,
+    seed: int,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+    """``num_samples`` seeded initial noises at σ_max and their model inputs (class labels), on ``device``."""
+    process = bundle.denoiser.process
+    g = torch.Generator().manual_seed(seed)
+    x_T = torch.randn(num_samples, *bundle.sample_shape, generator=g, dtype=torch.float64)
+    x_T = (x_T * process.init_noise_sigma(process.sigma_max)).to(device=device, dtype=dtype)
+    cond = bundle.cond(num_samples, seed + 1)
+    return x_T, (None if cond is None else {k: v.to(device) for k, v in cond.items()})
+
+
 def validation_set(
     bundle: ModelBundle,
     num_samples: int,
@@ -116,12 +140,7 @@ def validation_set(
     reference_steps: int = 1000,
 ) -> ValidationSet:
     """``num_samples`` initial noises (seeded) with their exact or ``reference_steps``-step reference samples."""
-    process = bundle.denoiser.process
-    g = torch.Generator().manual_seed(seed)
-    x_T = torch.randn(num_samples, *bundle.sample_shape, generator=g, dtype=torch.float64)
-    x_T = (x_T * process.init_noise_sigma(process.sigma_max)).to(device)
-    cond = bundle.cond(num_samples, seed + 1)
-    cond = None if cond is None else {k: v.to(device) for k, v in cond.items()}
+    x_T, cond = initial_noise(bundle, num_samples, seed, device, torch.float64)
     if bundle.exact_reference is not None:
         reference = bundle.exact_reference(x_T.cpu()).to(device)
     else:
