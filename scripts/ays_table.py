@@ -53,7 +53,7 @@ def main() -> None:
     p.add_argument("--max-sweeps", type=int, default=100, help="first-stage sweeps at most (early stopping)")
     p.add_argument("--reference-steps", type=int, default=1000, help="steps of the reference (no exact one)")
     p.add_argument("--search-samples", type=int, default=10, help="DC-Solver: datapoints of each ratio search")
-    p.add_argument("--sample-metrics", nargs="*", default=[], help="registered sample metrics, e.g. fd_digits")
+    p.add_argument("--sample-metrics", nargs="*", default=[], help="registered sample metrics, e.g. fd-digits")
     p.add_argument("--device", default=None)
     p.add_argument("--json", default=None)
     args = p.parse_args()

@@ -1,12 +1,14 @@
 """Exposure-bias time shift (Li et al. 2024): the same solver and grid with and without the shift.
 
 Errors are RMS against the exact (Gaussian mixture) or 1,000-step reference on seeded noises, plus any
-registered sample metric (e.g. ``--sample-metrics fd_digits`` once the digits model's Fréchet distance is
-registered). Grids are diffusers' ``trailing`` integer timesteps (time-uniform, as the paper's samplers).
+registered sample metric (``--sample-metrics fd-digits`` for the bundled digits model; ``--reference-steps 0``
+skips the reference run and scores the sample metrics only). Grids are diffusers' ``trailing`` integer timesteps (time-uniform, as the paper's samplers).
 Settings are ``half_width:cutoff[:signal_variance]``; the official scripts' ``--window_size w`` is half width
 w // 2 (e.g. DPM-Solver 5 steps: w = 30, c = 300 → ``15:300``; ADM-DDIM: w = 80, c = 300 → ``40:300``).
 
     python scripts/time_shift_table.py --model gmm --solvers ddim dpm++2m --steps 5 10 20
+    python scripts/time_shift_table.py --model digits --sample-metrics fd-digits --reference-steps 0 \
+        --eval-samples 1000
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ def main() -> None:
     p.add_argument("--eval-samples", type=int, default=512)
     p.add_argument("--eval-seed", type=int, default=7)
     p.add_argument("--sample-metrics", nargs="*", default=[])
+    p.add_argument("--reference-steps", type=int, default=1000, help="0: no reference run, sample metrics only")
     p.add_argument("--device", default=None)
     p.add_argument("--json", default=None)
     args = p.parse_args()
@@ -51,8 +54,8 @@ def main() -> None:
     device = args.device or "cpu"
     if args.device and hasattr(den.model, "to"):
         den.model.to(device)
-    evaluation = validation_set(bundle, args.eval_samples, args.eval_seed, device)
-    metrics = ["rms", *args.sample_metrics]
+    evaluation = validation_set(bundle, args.eval_samples, args.eval_seed, device, args.reference_steps)
+    metrics = ([] if evaluation.reference is None else ["rms"]) + list(args.sample_metrics)
     rows = {}
     for name in args.solvers:
         variants = {name: make_solver(name)}

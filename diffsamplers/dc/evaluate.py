@@ -114,23 +114,14 @@ def conditional_gmm_problem() -> Problem:
 
 def digits_problem() -> Problem:
     """The bundled class-conditional digits model, with FD-digits against the training digits as a metric."""
-    from ..data.digits import load_digits_dataset, to_uint8
-    from ..evaluation.features import DigitsFeatures
-    from ..evaluation.frechet import FeatureStats, frechet_distance
-    from ..models.digits import load_digits, load_digits_classifier
+    from ..models.digits import load_digits
+    from ..models.registry import fd_digits
 
     model = load_digits()
-    features = DigitsFeatures(load_digits_classifier())
-    train, _ = load_digits_dataset("train")
-    reference = FeatureStats(features.dim).update(features(to_uint8(train)))
 
     def conditions(n: int, g: torch.Generator) -> Conditions:
         labels = torch.randint(0, model.num_classes, (n,), generator=g)
         return {"class_labels": labels}, {"class_labels": torch.full_like(labels, model.null_class)}
-
-    def fd_digits(x: torch.Tensor) -> float:
-        stats = FeatureStats(features.dim).update(features(to_uint8(x.float().cpu())))
-        return frechet_distance(stats.mu, stats.sigma, reference.mu, reference.sigma)
 
     return Problem("digits", model.denoiser(), model.sample_shape, conditions, metrics={"FD-digits": fd_digits})
 

@@ -109,10 +109,10 @@ class SolverErrorMetric:
 
 @dataclass
 class ValidationSet:
-    """Initial noise at σ_max, its reference samples and the per-sample condition."""
+    """Initial noise at σ_max, its reference samples (None: sample metrics only) and the per-sample condition."""
 
     x_T: torch.Tensor
-    reference: torch.Tensor
+    reference: torch.Tensor | None
     cond: dict[str, torch.Tensor] | None
 
 
@@ -139,10 +139,15 @@ def validation_set(
     device: str | torch.device = "cpu",
     reference_steps: int = 1000,
 ) -> ValidationSet:
-    """``num_samples`` initial noises (seeded) with their exact or ``reference_steps``-step reference samples."""
+    """``num_samples`` initial noises (seeded) with their exact or ``reference_steps``-step reference samples
+    (``reference_steps=0``: no reference for a model without an exact one; only sample metrics are scored)."""
+    if reference_steps < 0:
+        raise ValueError(f"reference_steps must be >= 0, got {reference_steps}")
     x_T, cond = initial_noise(bundle, num_samples, seed, device, torch.float64)
     if bundle.exact_reference is not None:
         reference = bundle.exact_reference(x_T.cpu()).to(device)
+    elif reference_steps == 0:
+        reference = None
     else:
         reference = reference_samples(bundle.denoiser, x_T, num_steps=reference_steps, cond=cond, batch_size=256)
     return ValidationSet(x_T.float(), reference, cond)
@@ -160,7 +165,7 @@ def evaluate(
 
     with torch.no_grad():
         out = run(evaluation.x_T, evaluation.cond)
-    result = {"rms": rms_error(out, evaluation.reference)}
+    result = {} if evaluation.reference is None else {"rms": rms_error(out, evaluation.reference)}
     for name in sample_metrics:
         result[name] = float(sample_metric(name)(out, bundle))
     return result
