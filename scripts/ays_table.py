@@ -24,6 +24,7 @@ from pathlib import Path
 from diffsamplers import sample
 from diffsamplers.dc.search import search_dc_ratios
 from diffsamplers.evaluation.solver_error import evaluate, initial_noise, validation_set
+from diffsamplers.evaluation.tables import markdown_table
 from diffsamplers.models.registry import load_model
 from diffsamplers.schedule_optimization import optimize_for_model
 from diffsamplers.schedules import karras, uniform_logsnr, uniform_time
@@ -117,13 +118,14 @@ def main() -> None:
         )
         return dc.with_ratios(found.ratios)
 
+    stages_of_10 = "→".join(map(str, sorted(learned[10].stages)))  # 10→20→40 with the paper's refinements
     schedules = {
         "uniform time": lambda n: uniform_time(process, n),
         "uniform logSNR": lambda n: uniform_logsnr(process, n),
         "Karras ρ=7 (σ_min, then 0)": lambda n: karras(process, n),
         "Karras ρ=7 (last → 0)": lambda n: karras(process, n, final="zero"),
         "AYS learned at this NFE": lambda n: learned[n].schedule(n),
-        "AYS learned 10→20→40, interpolated": lambda n: learned[10].schedule(n),
+        f"AYS learned {stages_of_10}, interpolated": lambda n: learned[10].schedule(n),
     }
     rows = {}
     for name, build in schedules.items():
@@ -138,10 +140,7 @@ def main() -> None:
     metrics = ["rms", *args.sample_metrics]
     for metric in metrics:
         print(f"\n{metric} ({args.model}, {args.solver}, {args.eval_samples} samples, eval seed {args.eval_seed})")
-        print("| schedule | " + " | ".join(f"NFE {n}" for n in args.nfe) + " |")
-        print("|---|" + "---|" * len(args.nfe))
-        for name, by_nfe in rows.items():
-            print(f"| {name} | " + " | ".join(f"{by_nfe[n][metric]:.3e}" for n in args.nfe) + " |")
+        print(markdown_table(rows, args.nfe, metric, "schedule", "NFE {}"))
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2, default=str))
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from diffsamplers import sample
 from diffsamplers.evaluation.solver_error import evaluate, validation_set
+from diffsamplers.evaluation.tables import markdown_table
 from diffsamplers.models.registry import load_model
 from diffsamplers.schedules import diffusers_spacing
 from diffsamplers.solvers import ExposureBiasTimeShift
@@ -72,10 +73,7 @@ def main() -> None:
                 rows[label][n] = evaluate(bundle, evaluation, run, args.sample_metrics)
     for metric in metrics:
         print(f"\n{metric} ({args.model}, trailing grids, {args.eval_samples} samples, eval seed {args.eval_seed})")
-        print("| sampler | " + " | ".join(f"{n} steps" for n in args.steps) + " |")
-        print("|---|" + "---|" * len(args.steps))
-        for label, by_n in rows.items():
-            print(f"| {label} | " + " | ".join(f"{by_n[n][metric]:.3e}" for n in args.steps) + " |")
+        print(markdown_table(rows, args.steps, metric, "sampler"))
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2, default=str))
 
