@@ -6,7 +6,7 @@ skips the reference run and scores the sample metrics only). Grids are diffusers
 Settings are ``half_width:cutoff[:signal_variance]``; the official scripts' ``--window_size w`` is half width
 w // 2 (e.g. DPM-Solver 5 steps: w = 30, c = 300 → ``15:300``; ADM-DDIM: w = 80, c = 300 → ``40:300``).
 
-    python scripts/time_shift_table.py --model gmm --solvers ddim dpm++2m --steps 5 10 20
+    python scripts/time_shift_table.py --model gmm --solvers ddim dpm++2m unipc --steps 5 10 20
     python scripts/time_shift_table.py --model digits --sample-metrics fd-digits --reference-steps 0 \
         --eval-samples 1000
 """

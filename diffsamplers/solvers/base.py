@@ -34,7 +34,16 @@ from ..denoiser import compute_dtype
 from ..noise import NoiseProcess
 from ..schedules.schedule import Schedule
 
-__all__ = ["LinearStep", "LocalCoefficients", "SolverPlan", "SolverState", "Solver", "marginals"]
+__all__ = [
+    "LinearStep",
+    "LocalCoefficients",
+    "LocalCorrector",
+    "SolverPlan",
+    "SolverState",
+    "Solver",
+    "marginals",
+    "step_points",
+]
 
 
 @dataclass(frozen=True)
@@ -71,6 +80,9 @@ class LinearStep:
 
 #: (c_x, history weights newest first, noise weight) of one update, as arrays of any namespace.
 LocalCoefficients = tuple[Any, tuple[Any, ...], Any]
+
+#: (anchor weight, history weights newest first — the new x̂0 included) of one corrector, as arrays.
+LocalCorrector = tuple[Any, tuple[Any, ...]]
 
 
 @dataclass(frozen=True)
@@ -168,6 +180,28 @@ def marginals(process: NoiseProcess, sigmas: np.ndarray) -> tuple[np.ndarray, np
     return lam, alpha, sigma
 
 
+def step_points(
+    lam: np.ndarray, alpha: np.ndarray, sigma: np.ndarray, depth: int
+) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...], tuple[np.ndarray, ...]]:
+    """The points of every step of a grid as :meth:`Solver.local_coefficients` reads them, vectorised over steps.
+
+    For (λ, α, σ) at the K + 1 grid points, entry 0 of each returned tuple holds the values at the steps'
+    targets k + 1, entry 1 at their current points k and entry j ≥ 2 at the earlier points k + 1 − j (NaN
+    where that is before the first point), for j = 0 … ``depth``; each array has one value per step.
+    """
+    n = lam.size - 1
+
+    def at(values: np.ndarray, j: int) -> np.ndarray:
+        out = np.full(n, np.nan)
+        start = max(j - 1, 0)
+        if start < n:
+            out[start:] = values[start + 1 - j : n + 1 - j]
+        return out
+
+    lams, alphas, sigmas = (tuple(at(v, j) for j in range(depth + 1)) for v in (lam, alpha, sigma))
+    return lams, alphas, sigmas
+
+
 class Solver(ABC):
     """A sampler for the probability-flow ODE / reverse SDE, written as a sequence of linear updates."""
 
@@ -230,8 +264,29 @@ class Solver(ABC):
         ``(c_x, (c_0, c_1, …), c_noise)`` for ``x_next = c_x·x + Σ_j c_j·x̂0_{−j} + c_noise·z``. A solver
         whose plan is built from this one formula can run on per-sample grids (the exposure-bias time shift,
         :mod:`diffsamplers.solvers.exposure_bias_time_shift`); others raise ``NotImplementedError``.
+
+        The other halves of a :class:`LinearStep` have their own rules, used where the plan has them: a
+        planned ``corrector`` comes from :meth:`local_corrector`, a planned ``compensation`` from
+        :meth:`local_compensation`. The step's structure (its ``order``, its corrector's order, whether it
+        compensates) is the host plan's; only the values of the points differ per sample.
         """
         raise NotImplementedError(f"{self.name} has no per-sample (local) coefficient rule")
+
+    def local_corrector(
+        self, xp: Any, order: int, lam: Sequence[Any], alpha: Sequence[Any], sigma: Sequence[Any]
+    ) -> LocalCorrector:
+        """A planned corrector's coefficients from the points it involves (see :meth:`local_coefficients`).
+
+        The points are the corrected update's: its target (the current point of the step), its start (the
+        previous point, whose sample is the anchor), then earlier points. Returns ``(c_anchor, (c_0, c_1, …))``
+        for ``x ← c_anchor·x_anchor + Σ_j c_j·x̂0_{−j}``, ``c_0`` weighting the x̂0 just computed.
+        """
+        raise NotImplementedError(f"{self.name} has no per-sample (local) corrector rule")
+
+    def local_compensation(self, xp: Any, index: int, times: Sequence[Any]) -> tuple[Any, ...]:
+        """The weights of a planned ``compensation`` of step ``index`` from the process times of the newest
+        evaluation points (``times[0]`` the current one, then earlier ones; as many as the plan's weights)."""
+        raise NotImplementedError(f"{self.name} has no per-sample (local) compensation rule")
 
     @property
     def supports_local_coefficients(self) -> bool:

@@ -29,13 +29,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
 from ..noise import NoiseProcess
-from .base import LinearStep, Solver, SolverPlan
+from .base import LinearStep, LocalCoefficients, LocalCorrector, Solver, SolverPlan
 from .unipc import UniPC
 
 __all__ = ["DCSolver", "lagrange_weights", "compensation_times"]
@@ -46,19 +46,20 @@ Ratio = TypeVar("Ratio", float, torch.Tensor)
 MAX_DC_ORDER = 3
 
 
-def lagrange_weights(ratio: Ratio, times: Sequence[float]) -> list[Ratio]:
+def lagrange_weights(ratio: Ratio, times: Sequence[Any]) -> list[Any]:
     """Weights of m_i, m_{i−1}, …, m_{i−K} in m̂_i (Eq. 11), for ``times`` = (t_i, t_{i−1}, …, t_{i−K}).
 
-    ``ratio`` may be a host float or a tensor (the ratio search differentiates through the weights).
+    ``ratio`` may be a host float or a tensor (the ratio search differentiates through the weights);
+    ``times`` host floats, or arrays/tensors of times per sample (the exposure-bias time shift), element-wise.
     """
-    t_new, t_prev = float(times[0]), float(times[1])
+    t_new, t_prev = times[0], times[1]
     tau = t_prev + ratio * (t_new - t_prev)
     weights = []
     for i, t_i in enumerate(times):
         w = 1.0
         for j, t_j in enumerate(times):
             if j != i:
-                w = w * ((tau - float(t_j)) / (float(t_i) - float(t_j)))
+                w = w * ((tau - t_j) / (t_i - t_j))
         weights.append(w)
     return weights
 
@@ -126,7 +127,7 @@ class DCSolver(Solver):
         out = []
         for k, (step, ratio) in enumerate(zip(steps, ratios)):
             if ratio != 1.0:
-                weights = tuple(lagrange_weights(ratio, compensation_times(process, eval_sigmas, k, self.dc_order)))
+                weights = self.local_compensation(np, k, compensation_times(process, eval_sigmas, k, self.dc_order))
                 lower = tuple(
                     replace(low, compensation=weights) if m + 1 >= len(weights) else low
                     for m, low in enumerate(step.lower)
@@ -134,6 +135,29 @@ class DCSolver(Solver):
                 step = replace(step, compensation=weights, lower=lower)
             out.append(step)
         return eval_sigmas, out, max(history_size, self.dc_order + 1)
+
+    # -- per-sample grids: the base solver's rules, plus the compensation's -------------------------
+    @property
+    def supports_local_coefficients(self) -> bool:
+        return self.base.supports_local_coefficients
+
+    def local_coefficients(
+        self, xp: Any, order: int, lam: Sequence[Any], alpha: Sequence[Any], sigma: Sequence[Any]
+    ) -> LocalCoefficients:
+        """The base solver's update (compensation only changes the stored x̂0 it reads)."""
+        return self.base.local_coefficients(xp, order, lam, alpha, sigma)
+
+    def local_corrector(
+        self, xp: Any, order: int, lam: Sequence[Any], alpha: Sequence[Any], sigma: Sequence[Any]
+    ) -> LocalCorrector:
+        """The base solver's corrector."""
+        return self.base.local_corrector(xp, order, lam, alpha, sigma)
+
+    def local_compensation(self, xp: Any, index: int, times: Sequence[Any]) -> tuple[Any, ...]:
+        """Eq. 11's Lagrange weights at step ``index`` for ``times`` = (t_i, …, t_{i−K}) (host floats or
+        per-sample arrays); the empty tuple where the step's ratio is 1 (no compensation)."""
+        ratio = 1.0 if self.ratios is None else self.ratios[index]
+        return () if ratio == 1.0 else tuple(lagrange_weights(ratio, times))
 
     def compensation_times(self, plan: SolverPlan, index: int) -> list[float]:
         """(t_i, …, t_{i−K}) at step ``index`` of ``plan`` (for the ratio search's differentiable weights)."""

@@ -36,7 +36,7 @@ from typing import Any, Literal
 import numpy as np
 
 from ..noise import NoiseProcess
-from .base import LinearStep, LocalCoefficients, Solver, marginals
+from .base import LinearStep, LocalCoefficients, Solver, marginals, step_points
 from .thresholding import DynamicThresholding
 
 __all__ = ["DPMSolverPlusPlus"]
@@ -155,17 +155,8 @@ class DPMSolverPlusPlus(Solver):
             return c_x, hist, noise
 
     def _coefficients(self, process: NoiseProcess, sigmas: np.ndarray) -> tuple[np.ndarray, list[LinearStep], int]:
-        lam, alpha, sigma = marginals(process, sigmas)
         n = sigmas.size - 1
-
-        def shifted(a: np.ndarray, j: int) -> np.ndarray:
-            """Values at point k − j for each step k (NaN before the start)."""
-            out = np.full(n, np.nan)
-            out[j:] = a[: n - j]
-            return out
-
-        lams = (lam[1:], lam[:-1], shifted(lam, 1), shifted(lam, 2))
-        pts = (lams, (alpha[1:], alpha[:-1]), (sigma[1:], sigma[:-1]))
+        pts = step_points(*marginals(process, sigmas), depth=3)
         table = {q: self.local_coefficients(np, q, *pts) for q in (1, 2, 3)}
 
         def update(k: int, q: int, lower: tuple[LinearStep, ...] = ()) -> LinearStep:

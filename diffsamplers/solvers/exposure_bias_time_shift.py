@@ -19,7 +19,12 @@ the DPM-Solver integration ("variant C"): t_s *replaces* the next grid point for
 lands there, the network is evaluated there, and later multistep updates use it in their step sizes. The
 base solver provides the update as a function of the points it involves
 (:meth:`~diffsamplers.solvers.base.Solver.local_coefficients`, the same formula that builds its host plan),
-so any solver with that rule composes with the shift — DDIM and DPM-Solver++ (ODE/SDE, orders 1–3) here.
+so any solver with that rule composes with the shift — DDIM, DPM-Solver++ (ODE/SDE, orders 1–3), UniPC and
+DC-Solver here. A step is applied as the base solver's :class:`~diffsamplers.solvers.base.LinearStep` would
+be, with per-sample values: UniPC's corrector (``local_corrector``, the UniC update from the previous point
+to the current one, anchored at the previous step's start sample) and DC-Solver's dynamic compensation
+(``local_compensation``, Lagrange weights in the process times of the sample's own points) included. The
+variance rule reads the sample the network has just been evaluated at (for UniPC, the uncorrected one).
 
 No host–device synchronisation: the candidate times of every shifted step are known on the host when the
 plan is built; their (λ, α, σ, timestep, σ²) tables are uploaded once in float64, and the choice is a
@@ -36,7 +41,7 @@ biases the choice towards noisier times; reference notes §3.5).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 import numpy as np
@@ -57,6 +62,7 @@ class _Window:
     """Host float64 tables of one shifted step's candidate points (the nominal point first)."""
 
     timesteps: np.ndarray
+    time: np.ndarray
     lam: np.ndarray
     alpha: np.ndarray
     sigma: np.ndarray
@@ -69,6 +75,7 @@ class TimeShiftPlan(SolverPlan):
 
     base: SolverPlan | None = None
     lam: np.ndarray | None = None  # nominal λ at the K + 1 points
+    time: np.ndarray | None = None  # nominal process time t at the K + 1 points (NaN at the final level)
     shifts: tuple[bool, ...] = ()  # step k picks point k + 1 per sample
     per_sample: tuple[bool, ...] = ()  # step k needs per-sample coefficients
     windows: tuple[_Window | None, ...] = ()
@@ -88,7 +95,7 @@ class TimeShiftPlan(SolverPlan):
                     "timesteps": torch.as_tensor(w.timesteps, dtype=ts_dtype).to(device),
                     **{
                         k: torch.as_tensor(getattr(w, k), dtype=dtype).to(device)
-                        for k in ("lam", "alpha", "sigma", "target_variance")
+                        for k in ("time", "lam", "alpha", "sigma", "target_variance")
                     },
                 }
                 for w in self.windows
@@ -99,15 +106,16 @@ class TimeShiftPlan(SolverPlan):
 
 @dataclass
 class _Point:
-    """One grid point's per-sample values (tensors of shape (B,))."""
+    """One grid point's per-sample values (tensors of shape (B,)): λ, α, σ, model timestep, process time."""
 
     lam: torch.Tensor
     alpha: torch.Tensor
     sigma: torch.Tensor
     timestep: torch.Tensor
+    time: torch.Tensor
 
     def index_select(self, index: torch.Tensor) -> _Point:
-        return _Point(*(t.index_select(0, index) for t in (self.lam, self.alpha, self.sigma, self.timestep)))
+        return _Point(*(getattr(self, f.name).index_select(0, index) for f in fields(self)))
 
 
 @dataclass
@@ -141,7 +149,8 @@ class ExposureBiasTimeShift(Solver):
     """Time-shift sampling (Li et al. 2024) around any solver with a local coefficient rule.
 
     Args:
-        base: the solver to shift, e.g. ``DDIM()`` or ``DPMSolverPlusPlus(2)``.
+        base: the solver to shift, e.g. ``DDIM()``, ``DPMSolverPlusPlus(2)``, ``UniPC(3, "bh1")`` or
+            ``DCSolver(ratios)``.
         half_width: candidates are the training timesteps τ with |τ − t_next| ≤ ``half_width`` (in training
             steps, or in candidate-grid steps for continuous-time models). The official scripts' ``window_size``
             w corresponds to ``half_width = w // 2`` (:meth:`from_window_size`). 0 disables the shift.
@@ -171,7 +180,7 @@ class ExposureBiasTimeShift(Solver):
         if not base.supports_local_coefficients:
             raise TypeError(
                 f"{base.name} has no per-sample coefficient rule (Solver.local_coefficients), so it cannot be "
-                "time-shifted; DDIM and DPMSolverPlusPlus can"
+                "time-shifted; DDIM, DPMSolverPlusPlus, UniPC and DCSolver can"
             )
         if isinstance(half_width, bool) or int(half_width) != half_width or half_width < 0:
             raise ValueError(f"half_width must be a non-negative integer, got {half_width!r}")
@@ -208,6 +217,7 @@ class ExposureBiasTimeShift(Solver):
             raise TypeError(f"{self.base.name} evaluates off the schedule's grid; it cannot be time-shifted")
         n = base.num_evals
         lam, _, _ = marginals(process, base.sigmas)
+        time = np.append(process.t_from_sigma_tilde(base.sigmas[:-1]), math.nan)  # the final level has no use
         candidates = _candidate_timesteps(process, self.num_candidates)
         position = np.arange(candidates.size, dtype=np.float64)
         shifts = [
@@ -227,13 +237,17 @@ class ExposureBiasTimeShift(Solver):
             lam_c = process.lambda_(t)
             keep = (lam_c < lam[k + 2]) & (np.abs(ts - nominal_ts) > 1e-9)  # noisier than the point after
             ts = np.concatenate([[nominal_ts], ts[keep]])
+            t_c = np.concatenate([[time[k + 1]], t[keep]])
             lam_c = np.concatenate([[lam[k + 1]], lam_c[keep]])
             alpha_c, sigma_c = process.alpha_sigma(np.exp(-lam_c))
-            windows.append(_Window(ts, lam_c, alpha_c, sigma_c, alpha_c**2 * self.signal_variance + sigma_c**2))
-        # A step needs per-sample coefficients if it involves a shifted point: its target or the points its
-        # order reaches back to.
+            variance = alpha_c**2 * self.signal_variance + sigma_c**2
+            windows.append(_Window(ts, t_c, lam_c, alpha_c, sigma_c, variance))
+        # A step needs per-sample coefficients if it involves a shifted point: its target or the points whose
+        # predictions it reads (predictor, corrector and compensation: k + 1 − history_needed … k).
         moved = [False] + [shifts[k - 1] for k in range(1, n + 1)]  # point j may be shifted
-        per_sample = [any(moved[j] for j in range(max(0, k + 1 - base.steps[k].order), k + 2)) for k in range(n)]
+        per_sample = [
+            any(moved[j] for j in range(max(0, k + 1 - base.steps[k].history_needed), k + 2)) for k in range(n)
+        ]
         all_ts = np.concatenate([base.timesteps] + [w.timesteps for w in windows if w is not None])
         return TimeShiftPlan(
             process=process,
@@ -245,6 +259,7 @@ class ExposureBiasTimeShift(Solver):
             history_size=base.history_size,
             base=base,
             lam=lam,
+            time=time,
             shifts=tuple(shifts),
             per_sample=tuple(per_sample),
             windows=tuple(windows),
@@ -261,7 +276,9 @@ class ExposureBiasTimeShift(Solver):
             return point
         full = lambda v: torch.full_like(like, float(v))  # noqa: E731
         timestep = plan.timesteps[j] if j < plan.num_evals else math.nan  # the final level is never evaluated
-        return _Point(full(plan.lam[j]), full(plan.alpha_t[j]), full(plan.sigma_t[j]), full(timestep))
+        return _Point(
+            full(plan.lam[j]), full(plan.alpha_t[j]), full(plan.sigma_t[j]), full(timestep), full(plan.time[j])
+        )
 
     def evaluation_point(self, plan: SolverPlan, state: SolverState, index: int) -> tuple[Any, Any, Any] | None:
         """Per-sample (timestep, α, σ) at a shifted evaluation point, shaped for the denoiser."""
@@ -294,13 +311,13 @@ class ExposureBiasTimeShift(Solver):
         if self.x0_transform is not None:
             x0 = self.x0_transform(x0)
         state.push(x0, plan.history_size)
-        if len(state.history) < c.order:
+        if len(state.history) < c.history_needed:
             raise ValueError(f"{self.name} cannot start at step {index}: it needs the history of earlier steps")
         like = torch.zeros(x.shape[0], dtype=_table_dtype(x.device), device=x.device)
         current = self._point(plan, state, index, like)
+        view = (-1,) + (1,) * (x.ndim - 1)
         if plan.shifts[index]:
             table = plan.device_windows(x.device)[index]
-            view = (-1,) + (1,) * (x.ndim - 1)
             if self.variance_source == "x":
                 source = x
             else:  # the noise prediction ε̂ = (x − α x̂0)/σ
@@ -310,18 +327,36 @@ class ExposureBiasTimeShift(Solver):
             # Only candidates strictly less noisy than the sample's current point keep its grid monotone.
             dist = dist.masked_fill(table["lam"][None, :] <= current.lam[:, None], math.inf)
             pick = dist.argmin(dim=1)
-            target = _Point(table["lam"][pick], table["alpha"][pick], table["sigma"][pick], table["timesteps"][pick])
+            target = _Point(*(table[k][pick] for k in ("lam", "alpha", "sigma", "timesteps", "time")))
             state.points[index + 1] = target
         else:
             target = self._point(plan, state, index + 1, like)
-        points = [target, current] + [self._point(plan, state, index - m, like) for m in range(1, c.order)]
-        c_x, history, c_z = self.base.local_coefficients(
-            torch, c.order, [p.lam for p in points], [p.alpha for p in points], [p.sigma for p in points]
-        )
-        view = (-1,) + (1,) * (x.ndim - 1)
-        out = x * c_x.to(work).view(view)
-        for j, coef in enumerate(history):
-            out.addcmul_(state.history[-1 - j], coef.to(work).view(view))
+        # The points the step involves: its target, its current point, then earlier ones (newest first).
+        points = [target, current] + [self._point(plan, state, index - m, like) for m in range(1, c.history_needed)]
+        lam, alpha, sigma, time = ([getattr(p, f) for p in points] for f in ("lam", "alpha", "sigma", "time"))
+        history = state.history[::-1]  # newest first
+
+        def combine(terms: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+            """Σ w·t with per-sample float64 weights w, in the working dtype (a new tensor)."""
+            (w0, t0), *rest = terms
+            out = t0 * w0.to(work).view(view)
+            for w, t in rest:
+                out.addcmul_(t, w.to(work).view(view))
+            return out
+
+        # The step as the base's LinearStep, per sample: corrector, anchor, compensation, update.
+        if c.corrector is not None:
+            if state.anchor is None:
+                raise ValueError("this step needs the anchor sample of an earlier step, and there is none")
+            c_a, corr = self.base.local_corrector(torch, c.corrector.order, lam[1:], alpha[1:], sigma[1:])
+            x = combine([(c_a, state.anchor), *zip(corr, history)])
+        if c.save_anchor:
+            state.anchor = x
+        if c.compensation:
+            weights = self.base.local_compensation(torch, index, time[1 : 1 + len(c.compensation)])
+            state.history[-1] = history[0] = combine(list(zip(weights, history)))
+        c_x, coefs, c_z = self.base.local_coefficients(torch, c.order, lam, alpha, sigma)
+        out = combine([(c_x, x), *zip(coefs, history)])
         if c.noise != 0.0:
             if noise is None:
                 raise ValueError(f"step {index} of {self.name} is stochastic and needs a noise tensor")

@@ -29,19 +29,84 @@ and ``disable_corrector`` lists the predictor steps whose result is not correcte
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import replace
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
 from ..noise import NoiseProcess
-from .base import LinearStep, Solver, marginals
+from .base import LinearStep, LocalCoefficients, LocalCorrector, Solver, marginals, step_points
 from .thresholding import DynamicThresholding
 
-__all__ = ["UniPC", "unipc_weights"]
+__all__ = ["UniPC", "unipc_local", "unipc_weights"]
 
 VARIANTS = ("bh1", "bh2")
+
+
+def _solve_vandermonde(nodes: Sequence[Any], rhs: Sequence[Any]) -> list[Any]:
+    """ρ with Σ_i ρ_i r_i^{m−1} = b_m (m = 1 … p, the R ρ = b of Eq. 9) for nodes r, element-wise over arrays.
+
+    Closed form (no linear-algebra call, so it vectorises over steps on the host and over samples on the
+    device without host reads): ρ_i = Σ_m [x^{m−1}] ℓ_i(x) · b_m, ℓ_i(x) = Π_{j≠i} (x − r_j)/(r_i − r_j) the
+    Lagrange basis polynomial of node i.
+    """
+    rhos = []
+    for i, r_i in enumerate(nodes):
+        coef: list[Any] = [1.0]  # monomial coefficients of ℓ_i, lowest degree first
+        for j, r_j in enumerate(nodes):
+            if j != i:
+                coef = [(lo - r_j * hi) / (r_i - r_j) for lo, hi in zip([0.0, *coef], [*coef, 0.0])]
+        rhos.append(sum(c * b for c, b in zip(coef, rhs)))
+    return rhos
+
+
+def unipc_local(
+    xp: Any,
+    order: int,
+    lam: Sequence[Any],
+    alpha: Sequence[Any],
+    sigma: Sequence[Any],
+    variant: str,
+    corrector: bool,
+) -> tuple[Any, tuple[Any, ...]]:
+    """Coefficients of one UniP-p (``corrector=False``) or UniC-p update, p = ``order``, from its points.
+
+    ``lam``/``alpha``/``sigma`` hold λ, α, σ at the target t first, then the start s, then s − 1, …, s − p + 1
+    (arrays of namespace ``xp``, computed element-wise). Returns (weight of x_s, weights of the x̂0): the
+    predictor's weights are those of m_s, m_{s−1}, …, m_{s−p+1}; the corrector's start with that of m_t,
+    the prediction at the target.
+    """
+    with np.errstate(all="ignore"):
+        a_t = alpha[0]
+        c_x = sigma[0] / sigma[1]
+        h = lam[0] - lam[1]
+        hh = -h
+        h_phi_1 = xp.expm1(hh)
+        w_s = -a_t * h_phi_1
+        if order == 1 and not corrector:  # also the step into σ = 0 (h = ∞), where it returns x̂0
+            return c_x, (w_s,)
+        b_h = hh if variant == "bh1" else xp.expm1(hh)
+        rks = [(lam[1 + i] - lam[1]) / h for i in range(1, order)] + [1.0]
+        b = []
+        g, factorial = h_phi_1 / hh - 1.0, 1.0
+        for i in range(1, order + 1):
+            b.append(g * factorial / b_h)
+            factorial *= i + 1
+            g = g / hh - 1.0 / factorial
+        if corrector:
+            rhos = [0.5] if order == 1 else _solve_vandermonde(rks, b)
+        else:
+            rhos = [0.5] if order == 2 else _solve_vandermonde(rks[:-1], b[:-1])
+        previous = []
+        for i in range(1, order):  # − α_t B ρ_i (m_{s−i} − m_s)/r_i
+            w = -a_t * b_h * rhos[i - 1] / rks[i - 1]
+            previous.append(w)
+            w_s = w_s - w
+        if not corrector:
+            return c_x, (w_s, *previous)
+        w_t = -a_t * b_h * rhos[-1]  # − α_t B ρ_p (m_t − m_s)
+        return c_x, (w_t, w_s - w_t, *previous)
 
 
 def unipc_weights(
@@ -57,45 +122,16 @@ def unipc_weights(
     """Coefficients of one UniP (``corrector=False``) or UniC update from grid point ``s`` to ``t``.
 
     Returns (weight of x_s, weights of x̂0 at s, s − 1, …, s − order + 1, weight of x̂0 at t); the last is 0
-    for the predictor. ``lam``/``alpha``/``sigma`` are λ, α, σ on the grid (float64).
+    for the predictor. ``lam``/``alpha``/``sigma`` are λ, α, σ on the grid (float64); the formula is
+    :func:`unipc_local`'s.
     """
-    a_t = float(alpha[t])
-    c_x = float(sigma[t] / sigma[s])
-    h = float(lam[t] - lam[s])
-    if math.isinf(h):  # into σ = 0: only the first-order update is defined, and it returns x̂0
-        if order != 1 or corrector:
-            raise ValueError("a UniPC step into sigma = 0 must be a first-order predictor step")
-        return 0.0, [a_t], 0.0
-    hh = -h
-    h_phi_1 = math.expm1(hh)
-    b_h = hh if variant == "bh1" else math.expm1(hh)
-    rks = np.array([(lam[s - i] - lam[s]) / h for i in range(1, order)] + [1.0])
-    b = np.empty(order)
-    g, factorial = h_phi_1 / hh - 1.0, 1.0
-    for i in range(1, order + 1):
-        b[i - 1] = g * factorial / b_h
-        factorial *= i + 1
-        g = g / hh - 1.0 / factorial
-    vander = np.stack([rks ** (j - 1) for j in range(1, order + 1)])  # R[j − 1, :] = r^{j−1}
-    if corrector:
-        rhos = np.array([0.5]) if order == 1 else np.linalg.solve(vander, b)
-    elif order == 1:
-        rhos = np.zeros(0)
-    elif order == 2:
-        rhos = np.array([0.5])
-    else:
-        rhos = np.linalg.solve(vander[:-1, :-1], b[:-1])
-    w_s = -a_t * h_phi_1
-    previous = []
-    for i in range(1, order):  # − α_t B ρ_i (m_{s−i} − m_s)/r_i
-        w = -a_t * b_h * rhos[i - 1] / rks[i - 1]
-        previous.append(w)
-        w_s -= w
-    w_t = 0.0
-    if corrector:  # − α_t B ρ_p (m_t − m_s)
-        w_t = -a_t * b_h * rhos[-1]
-        w_s -= w_t
-    return c_x, [w_s, *previous], w_t
+    if math.isinf(lam[t] - lam[s]) and (order != 1 or corrector):
+        raise ValueError("a UniPC step into sigma = 0 must be a first-order predictor step")
+    idx = [t, *(s - i for i in range(order))]
+    c_x, weights = unipc_local(np, order, lam[idx], alpha[idx], sigma[idx], variant, corrector)
+    weights = [float(w) for w in weights]
+    w_t = weights.pop(0) if corrector else 0.0
+    return float(c_x), weights, w_t
 
 
 class UniPC(Solver):
@@ -152,21 +188,45 @@ class UniPC(Solver):
         """Whether step k corrects the sample predicted by step k − 1."""
         return self.use_corrector and k >= 1 and (k - 1) not in self.disable_corrector
 
+    def local_coefficients(
+        self, xp: Any, order: int, lam: Sequence[Any], alpha: Sequence[Any], sigma: Sequence[Any]
+    ) -> LocalCoefficients:
+        """The UniP predictor of ``order`` (:func:`unipc_local`): deterministic, no noise term."""
+        c_x, weights = unipc_local(xp, order, lam, alpha, sigma, self.variant, corrector=False)
+        return c_x, weights, xp.zeros_like(c_x)
+
+    def local_corrector(
+        self, xp: Any, order: int, lam: Sequence[Any], alpha: Sequence[Any], sigma: Sequence[Any]
+    ) -> LocalCorrector:
+        """The UniC corrector of ``order`` (:func:`unipc_local`); its anchor is the previous step's start sample."""
+        return unipc_local(xp, order, lam, alpha, sigma, self.variant, corrector=True)
+
     def _coefficients(self, process: NoiseProcess, sigmas: np.ndarray) -> tuple[np.ndarray, list[LinearStep], int]:
-        lam, alpha, sigma = marginals(process, sigmas)
         n = sigmas.size - 1
         orders = self.step_orders(n, float(sigmas[-1]))
+        pts = step_points(*marginals(process, sigmas), depth=self.order + 1)
+        predictors = {q: self.local_coefficients(np, q, *pts) for q in range(1, self.order + 1)}
+        # Step k's corrector is the UniC update from point k − 1 to k: the step's points without its target.
+        correctors = {q: self.local_corrector(np, q, *(p[1:] for p in pts)) for q in range(1, self.order + 1)}
 
         def build(k: int, available: int | None = None) -> LinearStep:
             """Step k's update when only ``available`` predictions are stored (None: all it plans for)."""
             q = orders[k] if available is None else min(orders[k], available)
-            c_x, weights, _ = unipc_weights(lam, alpha, sigma, k, k + 1, q, self.variant, corrector=False)
+            c_x, weights, _ = predictors[q]
             corrector = None
             if self.corrects(k) and (available is None or available >= 2):
                 qc = orders[k - 1] if available is None else min(orders[k - 1], available - 1)
-                c_a, w_prev, w_new = unipc_weights(lam, alpha, sigma, k - 1, k, qc, self.variant, corrector=True)
-                corrector = LinearStep(x=0.0, anchor=c_a, history=(w_new, *w_prev), order=qc)
-            return LinearStep(x=c_x, history=tuple(weights), save_anchor=True, order=q, corrector=corrector)
+                c_a, w_corr = correctors[qc]
+                corrector = LinearStep(
+                    x=0.0, anchor=float(c_a[k]), history=tuple(float(w[k]) for w in w_corr), order=qc
+                )
+            return LinearStep(
+                x=float(c_x[k]),
+                history=tuple(float(w[k]) for w in weights),
+                save_anchor=True,
+                order=q,
+                corrector=corrector,
+            )
 
         steps = []
         for k in range(n):

@@ -4,7 +4,16 @@ import numpy as np
 import pytest
 import torch
 
-from diffsamplers import DDIM, Denoiser, DPMSolverPlusPlus, DPMSolverPlusPlusSinglestep, Euler, sample
+from diffsamplers import (
+    DDIM,
+    DCSolver,
+    Denoiser,
+    DPMSolverPlusPlus,
+    DPMSolverPlusPlusSinglestep,
+    Euler,
+    UniPC,
+    sample,
+)
 from diffsamplers.diagnostics import HostReadCounter
 from diffsamplers.models.gmm import GMMDenoiser, default_mixture, default_process
 from diffsamplers.noise import VarianceExploding
@@ -34,16 +43,43 @@ def _x_T(n=6, seed=0):
     return torch.randn(n, *GMM.sample_shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
+def _for_steps(base, n):
+    """``base`` ready for ``n`` steps: a DC-Solver gets non-trivial ratios (the first ``dc_order`` are 1)."""
+    if not isinstance(base, DCSolver):
+        return base
+    ratios = [1.0] * base.dc_order + [(0.97, 1.03, 0.99, 1.02, 0.98)[k % 5] for k in range(n - base.dc_order)]
+    return base.with_ratios(ratios)
+
+
+#: UniPC (predictor–corrector) and DC-Solver (compensation), whose per-sample steps have a corrector and
+#: compensation as well as the update.
+PREDICTOR_CORRECTORS = [
+    UniPC(1, "bh2"),
+    UniPC(2, "bh1"),
+    UniPC(3, "bh1"),
+    UniPC(2, "bh2"),
+    UniPC(3, "bh2", disable_corrector=[3]),
+    DCSolver(),
+    DCSolver(base=UniPC(3, "bh1"), dc_order=3),
+    DCSolver(base=UniPC(2, "bh1"), dc_order=1),
+    DCSolver(base=DPMSolverPlusPlus(2)),
+]
+
+
 @pytest.mark.parametrize(
     "base",
-    [DDIM(), DDIM(eta=0.5), DPMSolverPlusPlus(2), DPMSolverPlusPlus(3), DPMSolverPlusPlus(2, sde=True)],
+    [DDIM(), DDIM(eta=0.5), DPMSolverPlusPlus(2), DPMSolverPlusPlus(3), DPMSolverPlusPlus(2, sde=True)]
+    + PREDICTOR_CORRECTORS,
     ids=lambda s: s.name,
 )
 def test_each_sample_follows_its_own_grid(base):
     """Variant (C): the shifted time is the update's target, the model time and part of the history. Running
-    each sample alone on the grid it visited, with the plain solver, gives the same result."""
+    each sample alone on the grid it visited, with the plain solver, gives the same result — for UniPC with
+    its corrector (anchored at the previous start sample) and for DC-Solver with its compensation in the
+    sample's own times too."""
     x_T = _x_T()
     schedule = diffusers_spacing(PROCESS, 10, "trailing")  # integer timesteps
+    base = _for_steps(base, 10)
     rec = _Recording()
     shifted = sample(
         rec,
@@ -104,7 +140,8 @@ def test_selection_rule(source, signal):
 
 def test_zero_window_is_the_base_solver_bit_for_bit():
     x_T = _x_T().float()
-    for base in (DDIM(), DPMSolverPlusPlus(2), DPMSolverPlusPlus(3)):
+    for base in (DDIM(), DPMSolverPlusPlus(2), DPMSolverPlusPlus(3), *PREDICTOR_CORRECTORS):
+        base = _for_steps(base, 10)
         plain = sample(GMM.as_denoiser(PROCESS), base, 10, x_T=x_T, progress=False)
         ts = sample(GMM.as_denoiser(PROCESS), ExposureBiasTimeShift(base, half_width=0), 10, x_T=x_T, progress=False)
         late = ExposureBiasTimeShift(base, half_width=30, cutoff=1e4)  # cut-off above every timestep
@@ -140,15 +177,20 @@ class _Linear(torch.nn.Module):
         return 0.1 * x
 
 
-@pytest.mark.parametrize("base", [DDIM(), DPMSolverPlusPlus(2), DPMSolverPlusPlus(3, sde=True)], ids=lambda s: s.name)
+@pytest.mark.parametrize(
+    "base",
+    [DDIM(), DPMSolverPlusPlus(2), DPMSolverPlusPlus(3, sde=True), UniPC(3, "bh1"), UniPC(2, "bh2"), DCSolver()],
+    ids=lambda s: s.name,
+)
 def test_no_host_reads_and_runs_on_the_meta_device(base):
     den = Denoiser(_Linear(), PROCESS, "epsilon")
-    solver = ExposureBiasTimeShift(base, half_width=20, cutoff=0)
+    solver = ExposureBiasTimeShift(_for_steps(base, 25), half_width=20, cutoff=0)
     kwargs = dict(generator=torch.Generator().manual_seed(0), progress=False, check_finite=False)
     with HostReadCounter() as counter:
         out = sample(den, solver, 25, (4, 3, 16, 16), **kwargs)
     assert counter.total == 0, dict(counter.counts)
     assert torch.isfinite(out).all()
+    solver = ExposureBiasTimeShift(_for_steps(base, 20), half_width=20, cutoff=0)
     meta = sample(den, solver, 20, (2, 3, 8, 8), device="meta", progress=False, check_finite=False)
     assert meta.device.type == "meta"
 

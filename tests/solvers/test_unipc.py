@@ -11,7 +11,7 @@ from diffsamplers.diagnostics import HostReadCounter
 from diffsamplers.models.gmm import default_process, reference_solution
 from diffsamplers.schedules import diffusers_spacing, uniform_logsnr
 from diffsamplers.solvers.base import marginals
-from diffsamplers.solvers.unipc import unipc_weights
+from diffsamplers.solvers.unipc import _solve_vandermonde, unipc_weights
 from tests.helpers import SMOOTH_MIXTURE, fitted_slope, rms
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -41,6 +41,19 @@ def test_weights_reproduce_constant_and_linear_predictions(variant, order):
         if order >= 2 or corrector:
             # bh2's B(h) makes the first-order-in-h weights exact only up to O(h³) terms
             assert linear == pytest.approx(exact_linear, abs=5 * h**3 * b * alpha[s + 1])
+
+
+@pytest.mark.parametrize("nodes", [(1.0,), (-1.3, 1.0), (-0.8, -2.1, 1.0)])
+def test_closed_form_order_conditions_match_a_linear_solve(nodes):
+    """The Lagrange-basis solution of R ρ = b (no linear-algebra call, vectorised) is np.linalg.solve's."""
+    b = np.array([0.7, -0.2, 0.05][: len(nodes)])
+    vander = np.stack([np.asarray(nodes) ** j for j in range(len(nodes))])
+    assert _solve_vandermonde(nodes, b) == pytest.approx(np.linalg.solve(vander, b), rel=1e-12, abs=1e-14)
+    batched = _solve_vandermonde([torch.full((3,), r, dtype=torch.float64) for r in nodes], list(b))
+    expected = np.linalg.solve(vander, b)
+    assert all(
+        torch.allclose(torch.as_tensor(r).expand(3), torch.tensor(e).expand(3)) for r, e in zip(batched, expected)
+    )
 
 
 def test_step_orders_follow_diffusers():
