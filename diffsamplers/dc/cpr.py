@@ -123,6 +123,12 @@ class CascadePolynomialRegression:
             fitted_on=[{"nfe": r.nfe, "guidance_scale": r.guidance_scale} for r in searched],
         )
 
+    @property
+    def nfe_range(self) -> tuple[int, int] | None:
+        """The smallest and largest NFE the regression was fitted on (None if not recorded)."""
+        nfes = [int(c["nfe"]) for c in self.fitted_on]
+        return (min(nfes), max(nfes)) if nfes else None
+
     def predict(self, nfe: int, guidance_scale: float) -> list[float]:
         """Ratios for ``nfe`` steps at ``guidance_scale`` (ρ = 1 for the first ``dc_order`` steps)."""
         if isinstance(nfe, bool) or not isinstance(nfe, (int, np.integer)) or nfe < 1:

@@ -21,7 +21,7 @@ from ..data.digits import load_digits_dataset, to_uint8
 from ..models.digits import load_digits_classifier
 from .features import DigitsFeatures
 from .frechet import FeatureStats, frechet_distance
-from .sources import load_model_source, make_sampler
+from .sources import OutsideFitError, load_model_source, make_sampler
 
 __all__ = ["DEFAULT_METHODS", "run_eval", "format_table", "write_plot"]
 
@@ -101,9 +101,14 @@ def run_eval(
         }
         for nfe in nfes:
             began = time.time()
-            sampler = make_sampler(
-                source, solver, nfe, schedule or "linspace", guidance_scale, seed, batch_size=batch_size
-            )
+            try:
+                sampler = make_sampler(
+                    source, solver, nfe, schedule or "linspace", guidance_scale, seed, batch_size=batch_size
+                )
+            except OutsideFitError:  # DC-Solver's CPR ratios exist only for the NFEs it was fitted on
+                row["fd_digits"][str(nfe)] = row["class_accuracy"][str(nfe)] = row["seconds"][str(nfe)] = None
+                bar.update(1)
+                continue
             images, labels = sampler(range(num_samples))
             stats, feats = _stats(extractor, images)
             row["fd_digits"][str(nfe)] = frechet_distance(stats.mu, stats.sigma, ref.mu, ref.sigma)
@@ -113,6 +118,14 @@ def run_eval(
         report["methods"].append(row)
     bar.close()
     return report
+
+
+def _cell(value: float | None) -> str:
+    return f"{'—':>9}" if value is None else f"{value:>9.3f}"
+
+
+def _nan(value: float | None) -> float:
+    return float("nan") if value is None else value
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -127,8 +140,8 @@ def format_table(report: dict[str, Any]) -> str:
     for m in report["methods"]:
         lines.append(
             f"{m['name']:<{width}}"
-            + "".join(f"{m['fd_digits'][str(n)]:>9.3f}" for n in nfes)
-            + "".join(f"{m['class_accuracy'][str(n)]:>9.3f}" for n in nfes)
+            + "".join(_cell(m["fd_digits"][str(n)]) for n in nfes)
+            + "".join(_cell(m["class_accuracy"][str(n)]) for n in nfes)
         )
     held = report["held_out"]
     lines.append(
@@ -147,8 +160,8 @@ def write_plot(report: dict[str, Any], path: str | Path) -> None:
     for m in report["methods"]:
         style = "--s" if m["solver"].startswith("diffusers:") else "-o"
         xs = report["nfe"]
-        axes[0].plot(xs, [m["fd_digits"][str(n)] for n in xs], style, label=m["name"], markersize=4)
-        axes[1].plot(xs, [m["class_accuracy"][str(n)] for n in xs], style, label=m["name"], markersize=4)
+        axes[0].plot(xs, [_nan(m["fd_digits"][str(n)]) for n in xs], style, label=m["name"], markersize=4)
+        axes[1].plot(xs, [_nan(m["class_accuracy"][str(n)]) for n in xs], style, label=m["name"], markersize=4)
     axes[0].axhline(report["held_out"]["fd_digits"], color="k", linewidth=0.8, linestyle=":", label="held-out digits")
     axes[1].axhline(report["held_out"]["class_accuracy"], color="k", linewidth=0.8, linestyle=":")
     axes[0].set_yscale("log")

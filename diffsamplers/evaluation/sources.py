@@ -147,13 +147,23 @@ def _dc_solver(source: ModelSource, spec: str, steps: int, guidance_scale: float
             "scripts/fit_cpr.py, then pass dc-solver:PATH"
         )
     try:
-        ratios = CascadePolynomialRegression.load(file).predict(steps, guidance_scale)
+        cpr = CascadePolynomialRegression.load(file)
     except Exception:  # noqa: BLE001 - not a CPR file: a searched ratio file
         found = DCRatios.load(file)
         if found.nfe != steps:
             raise ValueError(f"{file} holds ratios for {found.nfe} steps, not {steps}") from None
-        ratios = found.ratios
-    return DCSolver(ratios)
+        return DCSolver(found.ratios)
+    fitted = cpr.nfe_range
+    if fitted is not None and not fitted[0] <= steps <= fitted[1]:
+        raise OutsideFitError(
+            f"the CPR in {file} was fitted on NFE {fitted[0]}–{fitted[1]}; its polynomial in the NFE is not "
+            f"trusted at {steps} steps: search ratios for {steps} steps (scripts/search_dc_ratios.py)"
+        )
+    return DCSolver(cpr.predict(steps, guidance_scale))
+
+
+class OutsideFitError(ValueError):
+    """DC-Solver ratios asked of a cascade polynomial regression outside the NFE range it was fitted on."""
 
 
 def _diffusers_sampler(

@@ -59,3 +59,19 @@ def test_dc_solver_sampler_from_a_ratio_file(tmp_path):
         make_sampler(source, f"dc-solver:{path}", 6, "linspace/sigma_min")
     with pytest.raises(FileNotFoundError, match="no DC-Solver ratios"):
         make_sampler(source, f"dc-solver:{tmp_path / 'missing.safetensors'}", 4)
+
+
+def test_bundled_cpr_gives_dc_solver_ratios_inside_its_fit_only():
+    from diffsamplers.dc.cpr import CascadePolynomialRegression
+    from diffsamplers.evaluation.sources import OutsideFitError
+    from diffsamplers.models.digits import DIGITS_PIPELINE_DIR
+
+    cpr = CascadePolynomialRegression.load(DIGITS_PIPELINE_DIR / "dc_solver_cpr.safetensors")
+    assert cpr.model == "digits" and cpr.nfe_range == (5, 10)
+    source = load_model_source("digits")
+    run = make_sampler(source, "dc-solver", 6, "linspace/sigma_min", seed=1, batch_size=4)
+    with torch.no_grad():
+        images, _ = run(range(4))
+    assert images.dtype == torch.uint8 and images.shape == (4, 1, 16, 16)
+    with pytest.raises(OutsideFitError, match="fitted on NFE 5–10"):
+        make_sampler(source, "dc-solver", 20, "linspace/sigma_min")
