@@ -11,8 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .evaluation.solver_error import SolverErrorMetric, validation_set
 from .models.registry import load_model
 from .schedules.ays_learned import LearnedSchedule, plot_schedules
@@ -43,12 +41,10 @@ def optimize_for_model(
     The first stage has ``nfe`` steps unless ``settings`` says otherwise; its early-stopping metric is
     ``solver``'s RMS error at that many steps against the reference of ``metric_samples`` held-out noises.
     """
-    bundle = load_model(model, **({"data": data} if data else {}))
+    bundle = load_model(model, device=device, data=data or None)
     if bundle.data is None:
         raise ValueError(f"model {model!r} has no data: pass data= (a tensor file or 'sklearn-digits')")
     settings = settings or AYSSettings(num_steps=nfe)
-    if device is not None and isinstance(bundle.denoiser.model, torch.nn.Module):
-        bundle.denoiser.model.to(device)
     run_device = device or "cpu"
     val = validation_set(bundle, metric_samples, metric_seed, run_device, reference_steps)
     metric = SolverErrorMetric(bundle.denoiser, make_solver(solver), val.x_T, val.reference, cond=val.cond)

@@ -61,11 +61,9 @@ def main() -> None:
 
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    bundle = load_model(args.model, **({"data": args.data} if args.data else {}))
+    bundle = load_model(args.model, device=args.device, data=args.data)
     process = bundle.denoiser.process
     device = args.device or "cpu"
-    if args.device and hasattr(bundle.denoiser.model, "to"):
-        bundle.denoiser.model.to(device)
 
     schedule_solver = "unipc" if args.solver == DC_SOLVER else args.solver
     learned: dict[int, LearnedSchedule] = {}

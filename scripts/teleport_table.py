@@ -53,11 +53,9 @@ def main() -> None:
     p.add_argument("--json", default=None)
     args = p.parse_args()
 
-    bundle = load_model(args.model, **({"data": args.data} if args.data else {}))
+    bundle = load_model(args.model, device=args.device, data=args.data)
     den = bundle.denoiser
     device = args.device or "cpu"
-    if args.device and hasattr(den.model, "to"):
-        den.model.to(device)
     if args.per_class:
         stats = load_class_statistics(args.stats) if args.stats else class_statistics(bundle.data, rank=args.rank)
         first = next(iter(stats.values()))

@@ -50,11 +50,9 @@ def main() -> None:
     p.add_argument("--json", default=None)
     args = p.parse_args()
 
-    bundle = load_model(args.model, **({"data": args.data} if args.data else {}))
+    bundle = load_model(args.model, device=args.device, data=args.data)
     den = bundle.denoiser
     device = args.device or "cpu"
-    if args.device and hasattr(den.model, "to"):
-        den.model.to(device)
     evaluation = validation_set(bundle, args.eval_samples, args.eval_seed, device, args.reference_steps)
     metrics = ([] if evaluation.reference is None else ["rms"]) + list(args.sample_metrics)
     rows = {}

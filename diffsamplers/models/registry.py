@@ -196,14 +196,18 @@ def sample_metric(name: str) -> Callable[[torch.Tensor, ModelBundle], float]:
         raise ValueError(f"unknown sample metric {name!r}: registered are {sorted(SAMPLE_METRICS) or 'none'}") from None
 
 
-def load_model(spec: str, **kwargs: Any) -> ModelBundle:
-    """``gmm``, ``diffusers:<directory>`` or a registered name; ``kwargs`` go to the factory (e.g. ``data=``)."""
+def load_model(spec: str, device: str | torch.device | None = None, **kwargs: Any) -> ModelBundle:
+    """``gmm``, ``diffusers:<directory>`` or a registered name; ``kwargs`` go to the factory (e.g. ``data=``;
+    ``data=None`` keeps the model's own data). ``device`` moves a network there."""
     if spec.startswith("diffusers:"):
-        return _diffusers(spec.split(":", 1)[1], **kwargs)
-    factory = MODELS.get(spec)
-    if factory is None:
-        raise ValueError(f"unknown model {spec!r}: expected one of {sorted(MODELS)} or diffusers:<directory>")
-    bundle = factory(**kwargs)
-    if kwargs.get("data") is not None:
-        bundle.data = load_data(kwargs["data"])
+        bundle = _diffusers(spec.split(":", 1)[1], **kwargs)
+    else:
+        factory = MODELS.get(spec)
+        if factory is None:
+            raise ValueError(f"unknown model {spec!r}: expected one of {sorted(MODELS)} or diffusers:<directory>")
+        bundle = factory(**kwargs)
+        if kwargs.get("data") is not None:
+            bundle.data = load_data(kwargs["data"])
+    if device is not None and isinstance(bundle.denoiser.model, torch.nn.Module):
+        bundle.denoiser.model.to(device)
     return bundle
