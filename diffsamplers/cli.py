@@ -62,6 +62,7 @@ def _schedule_optimize(args: argparse.Namespace) -> int:
         settings,
         metric_samples=args.metric_samples,
         reference_steps=args.reference_steps,
+        search_samples=args.search_samples,
         checkpoint=args.checkpoint,
         resume=not args.no_resume,
         plot=args.plot,
@@ -155,7 +156,11 @@ def _add_schedule_commands(sub: argparse._SubParsersAction) -> None:
 
     p = cmds.add_parser("optimize", help="learn an Align Your Steps schedule (KLUB search) for a model")
     p.add_argument("--model", default="gmm", help="gmm, diffusers:<dir>, or a registered model")
-    p.add_argument("--solver", default="dpm++2m", help="solver whose error stops the first stage early")
+    p.add_argument(
+        "--solver",
+        default="dpm++2m",
+        help="solver whose error stops the first stage early ('dc-solver': DC-Solver, ratios searched per schedule)",
+    )
     p.add_argument("--nfe", type=int, default=10, help="steps of the first stage")
     p.add_argument("--refinements", type=int, default=2, help="subdivisions after the first stage (10→20→40)")
     p.add_argument("--out", required=True, help="where to write the learned schedule (.safetensors)")
@@ -166,6 +171,7 @@ def _add_schedule_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-samples", type=int, default=8192, help="data samples in the KLUB estimate")
     p.add_argument("--metric-samples", type=int, default=256, help="held-out noises for early stopping")
     p.add_argument("--reference-steps", type=int, default=1000, help="steps of the reference run (no exact one)")
+    p.add_argument("--search-samples", type=int, default=10, help="dc-solver: datapoints of each ratio search")
     p.add_argument("--max-sweeps", type=int, default=100)
     p.add_argument("--refine-sweeps", type=int, default=40)
     p.add_argument("--patience", type=int, default=3)

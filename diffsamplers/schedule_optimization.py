@@ -11,13 +11,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .evaluation.solver_error import SolverErrorMetric, validation_set
+from .dc.schedule_metric import SearchedDCErrorMetric
+from .dc.search import PAPER_DATAPOINTS
+from .evaluation.solver_error import SolverErrorMetric, initial_noise, validation_set
 from .models.registry import load_model
 from .schedules.ays_learned import LearnedSchedule, plot_schedules
 from .schedules.ays_optimizer import AYSSettings, optimize_schedule
+from .solvers.dc_solver import DCSolver
 from .solvers.registry import make_solver
 
-__all__ = ["optimize_for_model"]
+#: The solver name whose schedule is judged by DC-Solver with ratios searched for each candidate.
+DC_SOLVER = "dc-solver"
+
+__all__ = ["optimize_for_model", "DC_SOLVER"]
 
 
 def optimize_for_model(
@@ -29,6 +35,7 @@ def optimize_for_model(
     metric_samples: int = 256,
     metric_seed: int = 1_000_003,
     reference_steps: int = 1000,
+    search_samples: int = PAPER_DATAPOINTS,
     checkpoint: str | Path | None = None,
     resume: bool = True,
     plot: str | Path | None = None,
@@ -40,6 +47,8 @@ def optimize_for_model(
 
     The first stage has ``nfe`` steps unless ``settings`` says otherwise; its early-stopping metric is
     ``solver``'s RMS error at that many steps against the reference of ``metric_samples`` held-out noises.
+    ``solver="dc-solver"``: DC-Solver (UniPC bh2 base) with its ratios searched afresh, on ``search_samples``
+    other noises, for every schedule the metric scores (:class:`~diffsamplers.dc.schedule_metric.SearchedDCErrorMetric`).
     """
     bundle = load_model(model, device=device, data=data or None)
     if bundle.data is None:
@@ -47,7 +56,24 @@ def optimize_for_model(
     settings = settings or AYSSettings(num_steps=nfe)
     run_device = device or "cpu"
     val = validation_set(bundle, metric_samples, metric_seed, run_device, reference_steps)
-    metric = SolverErrorMetric(bundle.denoiser, make_solver(solver), val.x_T, val.reference, cond=val.cond)
+    if val.reference is None:
+        raise ValueError("the early-stopping metric needs a reference: reference_steps must be > 0")
+    metric: SolverErrorMetric
+    if solver == DC_SOLVER:
+        x_search, cond_search = initial_noise(bundle, search_samples, metric_seed + 7, run_device)
+        metric = SearchedDCErrorMetric(
+            bundle.denoiser,
+            DCSolver(),
+            val.x_T,
+            val.reference,
+            x_search,
+            model_id=model,
+            cond_search=cond_search,
+            reference_steps=reference_steps,
+            cond=val.cond,
+        )
+    else:
+        metric = SolverErrorMetric(bundle.denoiser, make_solver(solver), val.x_T, val.reference, cond=val.cond)
     out = Path(out)
     checkpoint = checkpoint or out.with_name(out.stem + ".checkpoint.safetensors")
     describe = {
@@ -56,6 +82,7 @@ def optimize_for_model(
         "nfe": int(nfe),
         "seed": settings.seed,
         "metric_samples": metric_samples,
+        **({"search_samples": search_samples} if solver == DC_SOLVER else {}),
     }
     learned = optimize_schedule(
         bundle.denoiser,

@@ -11,8 +11,8 @@ RMS error against the exact (Gaussian mixture) or 1,000-step reference, and any 
 
 ``--solver dc-solver``: DC-Solver (UniPC bh2 base) with its compensation ratios searched afresh for every
 schedule and NFE (on ``--search-samples`` other noises, against a 1,000-step trajectory), since ratios belong
-to a grid; the schedules are learned with UniPC's error as the early-stopping signal (the KLUB itself does not
-depend on the solver).
+to a grid; the schedules are learned with that searched DC-Solver's error as the early-stopping signal (the
+KLUB itself does not depend on the solver; ``--stop-solver unipc`` stops on plain UniPC's error instead).
 """
 
 from __future__ import annotations
@@ -22,18 +22,16 @@ import json
 from pathlib import Path
 
 from diffsamplers import sample
-from diffsamplers.dc.search import search_dc_ratios
+from diffsamplers.dc.schedule_metric import SearchedDCErrorMetric
 from diffsamplers.evaluation.solver_error import evaluate, initial_noise, validation_set
 from diffsamplers.evaluation.tables import markdown_table
 from diffsamplers.models.registry import load_model
-from diffsamplers.schedule_optimization import optimize_for_model
+from diffsamplers.schedule_optimization import DC_SOLVER, optimize_for_model
 from diffsamplers.schedules import karras, uniform_logsnr, uniform_time
 from diffsamplers.schedules.ays_learned import LearnedSchedule
 from diffsamplers.schedules.ays_optimizer import AYSSettings
-from diffsamplers.solvers import DCSolver, UniPC
+from diffsamplers.solvers import DCSolver
 from diffsamplers.solvers.registry import make_solver
-
-DC_SOLVER = "dc-solver"
 
 
 def main() -> None:
@@ -55,6 +53,9 @@ def main() -> None:
     p.add_argument("--reference-steps", type=int, default=1000, help="steps of the reference (no exact one)")
     p.add_argument("--search-samples", type=int, default=10, help="DC-Solver: datapoints of each ratio search")
     p.add_argument("--sample-metrics", nargs="*", default=[], help="registered sample metrics, e.g. fd-digits")
+    p.add_argument(
+        "--stop-solver", default=None, help="solver whose error early-stops the optimisation (default: --solver)"
+    )
     p.add_argument("--device", default=None)
     p.add_argument("--json", default=None)
     args = p.parse_args()
@@ -65,7 +66,7 @@ def main() -> None:
     process = bundle.denoiser.process
     device = args.device or "cpu"
 
-    schedule_solver = "unipc" if args.solver == DC_SOLVER else args.solver
+    schedule_solver = args.stop_solver or args.solver
     learned: dict[int, LearnedSchedule] = {}
     for n in sorted(set(args.nfe) | {10}):
         path = out_dir / f"{args.model.replace(':', '_').replace('/', '_')}_{schedule_solver}_nfe{n}.safetensors"
@@ -90,6 +91,7 @@ def main() -> None:
             settings,
             metric_samples=args.metric_samples,
             reference_steps=args.reference_steps,
+            search_samples=args.search_samples,
             plot=path.with_suffix(".png"),
             data=args.data,
             device=args.device,
@@ -97,24 +99,23 @@ def main() -> None:
         print(f"wrote {path} ({learned[n].metadata['seconds']} s)")
 
     evaluation = validation_set(bundle, args.eval_samples, args.eval_seed, device, args.reference_steps)
-    x_search = cond_search = None
+    searcher = None
     if args.solver == DC_SOLVER:
         x_search, cond_search = initial_noise(bundle, args.search_samples, args.eval_seed + 1, device)
-
-    def solver_for(sched):
-        if args.solver != DC_SOLVER:
-            return make_solver(args.solver)
-        dc = DCSolver(base=UniPC(2, "bh2"))
-        found = search_dc_ratios(
+        searcher = SearchedDCErrorMetric(
             bundle.denoiser,
-            dc,
-            sched,
+            DCSolver(),
+            evaluation.x_T,
+            evaluation.reference,
             x_search,
             model_id=args.model,
-            cond=cond_search,
+            cond_search=cond_search,
             reference_steps=args.reference_steps,
+            cond=evaluation.cond,
         )
-        return dc.with_ratios(found.ratios)
+
+    def solver_for(sched):
+        return make_solver(args.solver) if searcher is None else searcher.searched(sched)
 
     stages_of_10 = "→".join(map(str, sorted(learned[10].stages)))  # 10→20→40 with the paper's refinements
     schedules = {

@@ -93,18 +93,22 @@ class SolverErrorMetric:
     def schedule(self, levels: np.ndarray) -> Schedule:
         return schedule_from_levels(levels, len(levels) - 1, self.final, self.denoiser.process)
 
-    def __call__(self, levels: np.ndarray) -> float:
+    def error(self, schedule: Schedule, solver: Solver) -> float:
+        """RMS error of ``solver`` on ``schedule`` from ``x_T`` against the reference."""
         with torch.no_grad():
             out = sample(
                 self.denoiser,
-                self.solver,
-                self.schedule(np.asarray(levels, dtype=np.float64)),
+                solver,
+                schedule,
                 x_T=self.x_T,
                 cond=self.cond,
                 batch_size=self.batch_size,
                 progress=False,
             )
         return rms_error(out, self.reference)
+
+    def __call__(self, levels: np.ndarray) -> float:
+        return self.error(self.schedule(np.asarray(levels, dtype=np.float64)), self.solver)
 
 
 @dataclass
