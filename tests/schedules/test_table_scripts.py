@@ -28,7 +28,7 @@ def test_ays_table_with_dc_solver_searches_ratios_per_schedule(tmp_path):
         "--json", out,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
-    assert (tmp_path / "gmm_unipc_nfe5.safetensors").is_file()  # learned with UniPC's error as the stop signal
+    assert (tmp_path / "gmm_dc-solver_nfe5.safetensors").is_file()  # learned with searched DC-Solver as stop signal
     rows = json.loads(out.read_text())["rows"]
     rms = {name: by_nfe["5"]["rms"] for name, by_nfe in rows.items()}
     assert all(math.isfinite(v) for v in rms.values()) and "AYS learned at this NFE" in rms
