@@ -49,6 +49,9 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=4096)
     p.add_argument("--refine-sweeps", type=int, default=10, help="sweeps per refinement stage (10→20, 20→40)")
     p.add_argument("--refinements", type=int, default=2, help="refinement stages of the NFE-10 run (10→20→40)")
+    p.add_argument(
+        "--init", default="auto", choices=["auto", "uniform_time", "karras", "uniform_logsnr"], help="first schedule"
+    )
     p.add_argument("--max-sweeps", type=int, default=100, help="first-stage sweeps at most (early stopping)")
     p.add_argument("--reference-steps", type=int, default=1000, help="steps of the reference (no exact one)")
     p.add_argument("--search-samples", type=int, default=10, help="DC-Solver: datapoints of each ratio search")
@@ -82,6 +85,7 @@ def main() -> None:
             seed=args.seed,
             batch_size=args.batch_size,
             refine_sweeps=args.refine_sweeps,
+            init=args.init,
         )
         learned[n] = optimize_for_model(
             args.model,

@@ -31,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--search", type=int, default=10, help="datapoints the ratios are searched on")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--iterations", type=int, default=40)
+    parser.add_argument(
+        "--refine-iterations", type=int, default=0, help="also DC-Solver with the ratios refined jointly (Adam steps)"
+    )
     parser.add_argument("--reference-steps", type=int, default=1000)
     parser.add_argument("--spacing", default=None, help="grid (default: the problem's, linspace)")
     parser.add_argument("--final", default=None, help="zero, sigma_min or append_zero (default: the problem's)")
@@ -58,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         plug_in=args.plug_in,
         reference_steps=args.reference_steps,
         iterations=args.iterations,
+        refine_iterations=args.refine_iterations,
         ratio_dir=args.ratio_dir,
         batch_size=args.batch_size,
         log=lambda line: print(line, flush=True),

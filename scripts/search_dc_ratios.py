@@ -32,6 +32,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iterations", type=int, default=40)
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--bound", choices=["none", "tanh"], default="none")
+    parser.add_argument(
+        "--refine-iterations", type=int, default=0, help="then refine all ratios jointly on the trajectory (Adam steps)"
+    )
+    parser.add_argument("--refine-lr", type=float, default=0.02)
     parser.add_argument("--reference-steps", type=int, default=1000)
     parser.add_argument("--base", choices=["unipc", "dpmsolver++"], default="unipc")
     parser.add_argument("--order", type=int, default=2)
@@ -65,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
             iterations=args.iterations,
             lr=args.lr,
             bound=args.bound,
+            refine_iterations=args.refine_iterations,
+            refine_lr=args.refine_lr,
             checkpoint=args.out,
             log=lambda line: print(line, flush=True),
         )

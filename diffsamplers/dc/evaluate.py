@@ -14,6 +14,8 @@ The methods:
   configurations (leave-one-out: the configuration scored was never searched for the fit), for NFEs
   inside the searched range (CPR interpolates; extrapolating a quadratic in the NFE is not meaningful),
   and for ``unseen`` (NFE, scale) configurations off the grid, predicted from a fit on the whole grid;
+* optionally DC-Solver with the searched ratios refined jointly on the whole trajectory
+  (``refine_iterations``, see :func:`~diffsamplers.dc.search.search_dc_ratios`);
 * optionally DC as a plug-in on DPM-Solver++ 2M.
 
 A :class:`Problem` bundles what is model-specific — the denoiser, the sample shape, how to draw conditions
@@ -184,8 +186,12 @@ def _run(problem: Problem, solver: Solver, cfg: _Config, batch_size: int | None)
         )
 
 
-def _ratio_path(directory: str | os.PathLike, problem: Problem, cfg: _Config, solver: DCSolver) -> Path:
-    return Path(directory) / f"{problem.name}_{solver.name}_nfe{cfg.nfe}_cfg{cfg.scale:g}.safetensors"
+def _ratio_path(
+    directory: str | os.PathLike, problem: Problem, cfg: _Config, solver: DCSolver, refined: bool = False
+) -> Path:
+    """Where a configuration's searched ratios are kept; refined ones in ``refined/`` (CPR fits on the rest)."""
+    folder = Path(directory) / "refined" if refined else Path(directory)
+    return folder / f"{problem.name}_{solver.name}_nfe{cfg.nfe}_cfg{cfg.scale:g}.safetensors"
 
 
 def evaluate_dc(
@@ -203,6 +209,7 @@ def evaluate_dc(
     cpr: bool = True,
     reference_steps: int = DEFAULT_REFERENCE_STEPS,
     iterations: int = 40,
+    refine_iterations: int = 0,
     ratio_dir: str | os.PathLike | None = None,
     batch_size: int | None = None,
     log: Callable[[str], None] | None = None,
@@ -212,6 +219,7 @@ def evaluate_dc(
     The grid is ``nfes`` × ``guidance_scales``; ``unseen`` lists further (NFE, scale) configurations whose
     CPR ratios come from a fit on the grid only (they are also searched, to measure what CPR recovers).
     ``ratio_dir`` keeps the searched ratios (one file per configuration, written step by step and resumed).
+    ``refine_iterations`` > 0 adds the row "DC-Solver (searched + joint refinement)".
     """
     solver = solver or DCSolver(base=UniPC(order=2, variant="bh2"))
     unipc_name = f"UniPC ({solver.base.name})"
@@ -224,8 +232,11 @@ def evaluate_dc(
     plug_in_solver = DCSolver(base=DPMSolverPlusPlus(2), dc_order=solver.dc_order)
     say = log or (lambda _msg: None)
 
-    def search(dc: DCSolver, cfg: _Config) -> DCRatios:
+    def search(dc: DCSolver, cfg: _Config, refine: int = 0) -> DCRatios:
         cond, uncond = cfg.search_conditions
+        path = None if ratio_dir is None else _ratio_path(ratio_dir, problem, cfg, dc, refined=refine > 0)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
         return search_dc_ratios(
             problem.denoiser,
             dc,
@@ -238,7 +249,8 @@ def evaluate_dc(
             reference=cfg.search_reference,
             reference_steps=reference_steps,
             iterations=iterations,
-            checkpoint=None if ratio_dir is None else _ratio_path(ratio_dir, problem, cfg, dc),
+            refine_iterations=refine,
+            checkpoint=path,
         )
 
     def score(row: dict[str, Any], name: str, x: torch.Tensor, cfg: _Config) -> None:
@@ -291,6 +303,10 @@ def evaluate_dc(
         row["ratios"] = found.ratios
         row["search_seconds"] = found.search.get("seconds")
         methods["DC-Solver (searched)"] = solver.with_ratios(found.ratios)
+        if refine_iterations > 0:
+            refined = search(solver, cfg, refine_iterations)
+            row["refined_ratios"] = refined.ratios
+            methods["DC-Solver (searched + joint refinement)"] = solver.with_ratios(refined.ratios)
         if plug_in:
             methods["DC on DPM-Solver++ 2M (searched)"] = plug_in_solver.with_ratios(search(plug_in_solver, cfg).ratios)
         for name, method in methods.items():
@@ -321,6 +337,7 @@ def evaluate_dc(
         "num_search": num_search,
         "seed": seed,
         "iterations": iterations,
+        "refine_iterations": refine_iterations,
         "solver": solver.name,
         "baseline": unipc_name,
         "schedules": {str(c.nfe): schedule_description(c.schedule) for c in configs},

@@ -121,3 +121,42 @@ def test_bad_input(data, kwargs, error, message):
     args.update(kwargs)
     with pytest.raises(error, match=message):
         search_dc_ratios(DEN, args.pop("solver"), SCHEDULE, args.pop("x_T"), model_id="gmm16", **args)
+
+
+def _trajectory_loss(ratios, x_T, ref):
+    """Σ_k MSE(x_k, x^GT_k) of a DC-Solver run, recorded with a callback (independent of the search code)."""
+    states = []
+    sample(DEN, DCSolver(ratios), SCHEDULE, x_T=x_T, progress=False, callback=lambda info: states.append(info.x))
+    out = sample(DEN, DCSolver(ratios), SCHEDULE, x_T=x_T, progress=False)
+    xs = [*states[1:], out]  # the callback sees x before each step: levels 1 … N − 1, then the final sample
+    return sum(float((x - r).pow(2).mean()) for x, r in zip(xs, ref[1:]))
+
+
+def test_joint_refinement_lowers_the_trajectory_loss_it_reports(data, searched):
+    """The refinement starts from the greedy ratios, keeps the first dc_order at 1, and its reported losses are
+    the whole-trajectory loss of sampling with the greedy and the refined ratios."""
+    x_T, ref = data
+    refined = _search(data, refine_iterations=30)
+    info = refined.search["refine"]
+    assert refined.search["greedy_ratios"] == pytest.approx(searched.ratios, abs=1e-6)
+    assert refined.ratios[:2] == [1.0, 1.0] and refined.ratios != refined.search["greedy_ratios"]
+    assert info["done"] and info["loss_after"] < info["loss_before"]
+    assert info["loss_before"] == pytest.approx(_trajectory_loss(searched.ratios, x_T, ref), rel=1e-4)
+    assert info["loss_after"] == pytest.approx(_trajectory_loss(refined.ratios, x_T, ref), rel=1e-4)
+
+
+def test_joint_refinement_resumes_and_redoes_only_what_changed(data, tmp_path):
+    """A checkpoint with the greedy search complete is refined without searching again; asking for another
+    refinement restarts it from the stored greedy ratios; bad refinement settings are refused."""
+    path = tmp_path / "r.safetensors"
+    greedy = _search(data, checkpoint=path)
+    refined = _search(data, checkpoint=path, refine_iterations=10)
+    assert refined.search["greedy_ratios"] == greedy.ratios
+    assert refined.search["loss_after"] == greedy.search["loss_after"]  # greedy losses kept, not re-searched
+    again = _search(data, checkpoint=path, refine_iterations=10)
+    assert again.ratios == refined.ratios
+    longer = _search(data, checkpoint=path, refine_iterations=20)
+    assert longer.search["greedy_ratios"] == greedy.ratios
+    assert longer.search["refine"]["loss_after"] <= refined.search["refine"]["loss_after"] + 1e-12
+    with pytest.raises(ValueError, match="refine_iterations >= 0"):
+        _search(data, refine_iterations=-1)
