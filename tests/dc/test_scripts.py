@@ -49,9 +49,20 @@ def test_search_fit_and_eval_scripts(tmp_path):
     assert len(CascadePolynomialRegression.load(cpr).predict(7, 2.0)) == 7
 
     report = tmp_path / "eval.json"
+    ratio_dir = tmp_path / "ratios"
     r = _run("eval_dc_solver.py", "--problem", "gmm", "--nfe", 5, 6, "--eval", 8, "--iterations", 5,
-             "--reference-steps", 200, "--json", report)  # fmt: skip
+             "--reference-steps", 200, "--refine-iterations", 3, "--ratio-dir", ratio_dir,
+             "--json", report)  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "| DC-Solver (searched) |" in r.stdout
+    assert "| DC-Solver (searched) |" in r.stdout and "| DC-Solver (searched + joint refinement) |" in r.stdout
     rows = json.loads(report.read_text())["rows"]
     assert [row["nfe"] for row in rows] == [5, 6] and all("DPM-Solver++ 3M" in row["errors"] for row in rows)
+    # greedy ratios where CPR globs them, refined ones apart, each with its greedy start recorded
+    assert sorted(p.name for p in ratio_dir.glob("*.safetensors")) == [
+        "gmm_dc-unipc2-bh2_nfe5_cfg1.safetensors", "gmm_dc-unipc2-bh2_nfe6_cfg1.safetensors",
+    ]  # fmt: skip
+    refined = DCRatios.load(ratio_dir / "refined" / "gmm_dc-unipc2-bh2_nfe6_cfg1.safetensors")
+    assert (
+        refined.search["greedy_ratios"] == DCRatios.load(ratio_dir / "gmm_dc-unipc2-bh2_nfe6_cfg1.safetensors").ratios
+    )
+    assert refined.search["refine"]["done"] and refined.ratios == rows[1]["refined_ratios"]
