@@ -93,7 +93,7 @@ def run_plan(
             guidance_scale=guidance_scale,
         )
         if sums is not None:
-            torch.sum(x0.flatten(1), dim=1, out=sums[k])
+            torch.sum(x0.detach().flatten(1), dim=1, out=sums[k])  # detached: sampling may run with grad
         if callback is not None:
             callback(StepInfo(k, plan.num_evals, float(plan.sigmas[k]), float(plan.timesteps[k]), x, x0, start))
         z = noise.draw(start, stop, x.shape[1:], device, x.dtype) if stochastic[k] else None
