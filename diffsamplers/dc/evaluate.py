@@ -289,6 +289,7 @@ def evaluate_dc(
         configs += group
     rows: list[dict[str, Any]] = []
     searched: dict[tuple[float, int], DCRatios] = {}
+    refined_found: dict[tuple[float, int], DCRatios] = {}
     for cfg in configs:
         row: dict[str, Any] = {
             "guidance_scale": cfg.scale,
@@ -304,7 +305,7 @@ def evaluate_dc(
         row["search_seconds"] = found.search.get("seconds")
         methods["DC-Solver (searched)"] = solver.with_ratios(found.ratios)
         if refine_iterations > 0:
-            refined = search(solver, cfg, refine_iterations)
+            refined = refined_found[(cfg.scale, cfg.nfe)] = search(solver, cfg, refine_iterations)
             row["refined_ratios"] = refined.ratios
             methods["DC-Solver (searched + joint refinement)"] = solver.with_ratios(refined.ratios)
         if plug_in:
@@ -314,20 +315,25 @@ def evaluate_dc(
         say(f"cfg {cfg.scale:g}, NFE {cfg.nfe}: " + ", ".join(f"{k} {v:.3e}" for k, v in row["errors"].items()))
         rows.append(row)
     if cpr and len(grid) >= 2:
-        name = "DC-Solver (CPR)"
-        on_grid = {(g, n): searched[(g, n)] for n, g in grid}
-        for cfg, row in zip(configs, rows):
-            others = [r for key, r in on_grid.items() if key != (cfg.scale, cfg.nfe)]
-            if not min(r.nfe for r in others) < cfg.nfe < max(r.nfe for r in others):
-                continue
-            predicted = CascadePolynomialRegression.fit(others).predict(cfg.nfe, cfg.scale)
-            score(row, name, _run(problem, solver.with_ratios(predicted), cfg, batch_size), cfg)
-            row["cpr_ratios"] = predicted
-            for key in ("errors", "median_errors"):
-                errors = row[key]
-                gain = errors[unipc_name] - errors["DC-Solver (searched)"]
-                recovery = (errors[unipc_name] - errors[name]) / gain if gain > 0 else None
-                row["cpr_recovery" if key == "errors" else "cpr_recovery_median"] = recovery
+        variants = [("DC-Solver (CPR)", "DC-Solver (searched)", searched, "")]
+        if refine_iterations > 0:
+            variants.append(
+                ("DC-Solver (CPR of refined)", "DC-Solver (searched + joint refinement)", refined_found, "_refined")
+            )
+        for name, target, found_by_config, suffix in variants:
+            on_grid = {(g, n): found_by_config[(g, n)] for n, g in grid}
+            for cfg, row in zip(configs, rows):
+                others = [r for key, r in on_grid.items() if key != (cfg.scale, cfg.nfe)]
+                if not min(r.nfe for r in others) < cfg.nfe < max(r.nfe for r in others):
+                    continue
+                predicted = CascadePolynomialRegression.fit(others).predict(cfg.nfe, cfg.scale)
+                score(row, name, _run(problem, solver.with_ratios(predicted), cfg, batch_size), cfg)
+                row[f"cpr{suffix}_ratios"] = predicted
+                for key, label in (("errors", ""), ("median_errors", "_median")):
+                    errors = row[key]
+                    gain = errors[unipc_name] - errors[target]
+                    recovery = (errors[unipc_name] - errors[name]) / gain if gain > 0 else None
+                    row[f"cpr{suffix}_recovery{label}"] = recovery
     return {
         "problem": problem.name,
         "metric": f"difference of the final samples from a {reference_steps}-step DPM-Solver++ 3M reference "
@@ -376,14 +382,16 @@ def format_tables(report: dict[str, Any]) -> str:
                     parts.append("—" if v is None else (f"**{v:.4f}**" if v == best else f"{v:.4f}"))
                 cells.append(" / ".join(parts))
             out.append(f"| {name} | " + " | ".join(cells) + " |")
-        if any("cpr_recovery" in r for r in rows):
+        for suffix, label in (("", "CPR"), ("_refined", "CPR of refined")):
+            if not any(f"cpr{suffix}_recovery" in r for r in rows):
+                continue
             cells = []
             for r in rows:
-                parts = [
-                    "—" if r.get(k) is None else f"{100 * r[k]:.0f} %" for k in ("cpr_recovery", "cpr_recovery_median")
-                ]
-                cells.append(" / ".join(parts) if "cpr_recovery" in r else "—")
-            out.append("| CPR recovery of the searched gain over UniPC | " + " | ".join(cells) + " |")
+                keys = (f"cpr{suffix}_recovery", f"cpr{suffix}_recovery_median")
+                parts = ["—" if r.get(k) is None else f"{100 * r[k]:.0f} %" for k in keys]
+                cells.append(" / ".join(parts) if keys[0] in r else "—")
+            target = "searched" if not suffix else "refined"
+            out.append(f"| {label} recovery of the {target} gain over UniPC | " + " | ".join(cells) + " |")
         metric_names = sorted({m for r in rows for per in r["metrics"].values() for m in per})
         for m in metric_names:
             out.append("")

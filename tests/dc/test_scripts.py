@@ -50,16 +50,23 @@ def test_search_fit_and_eval_scripts(tmp_path):
 
     report = tmp_path / "eval.json"
     ratio_dir = tmp_path / "ratios"
-    r = _run("eval_dc_solver.py", "--problem", "gmm", "--nfe", 5, 6, "--eval", 8, "--iterations", 5,
+    r = _run("eval_dc_solver.py", "--problem", "gmm", "--nfe", 5, 6, 8, "--eval", 8, "--iterations", 5,
              "--reference-steps", 200, "--refine-iterations", 3, "--ratio-dir", ratio_dir,
              "--json", report)  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
     assert "| DC-Solver (searched) |" in r.stdout and "| DC-Solver (searched + joint refinement) |" in r.stdout
     rows = json.loads(report.read_text())["rows"]
-    assert [row["nfe"] for row in rows] == [5, 6] and all("DPM-Solver++ 3M" in row["errors"] for row in rows)
+    assert [row["nfe"] for row in rows] == [5, 6, 8] and all("DPM-Solver++ 3M" in row["errors"] for row in rows)
+    # CPR fitted on the other configurations' greedy and refined ratios, at the interior NFE only
+    assert "| CPR of refined recovery of the refined gain over UniPC |" in r.stdout
+    assert {"DC-Solver (CPR)", "DC-Solver (CPR of refined)"} <= set(rows[1]["errors"]) and "cpr_refined_ratios" in rows[
+        1
+    ]
+    assert "DC-Solver (CPR of refined)" not in rows[0]["errors"]
     # greedy ratios where CPR globs them, refined ones apart, each with its greedy start recorded
     assert sorted(p.name for p in ratio_dir.glob("*.safetensors")) == [
         "gmm_dc-unipc2-bh2_nfe5_cfg1.safetensors", "gmm_dc-unipc2-bh2_nfe6_cfg1.safetensors",
+        "gmm_dc-unipc2-bh2_nfe8_cfg1.safetensors",
     ]  # fmt: skip
     refined = DCRatios.load(ratio_dir / "refined" / "gmm_dc-unipc2-bh2_nfe6_cfg1.safetensors")
     assert (
