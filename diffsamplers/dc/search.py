@@ -187,9 +187,8 @@ def search_dc_ratios(
                 f"checkpoint {checkpoint} was searched on other datapoints "
                 f"(fingerprint {previous.search.get('data_fingerprint')} vs {result.search['data_fingerprint']})"
             )
-        refine_settings = {k: result.search["refine"][k] for k in ("iterations", "lr")}
-        previous_refine = previous.search.get("refine", {"iterations": 0, "lr": refine_lr, "done": True})
-        same_refine = {k: previous_refine.get(k) for k in ("iterations", "lr")} == refine_settings
+        previous_refine = previous.search.get("refine", {"iterations": 0, "done": True})
+        same_refine = _refine_key(previous_refine) == _refine_key(result.search["refine"])
         if previous.complete and same_refine and previous_refine.get("done"):
             return previous
         greedy = previous.search.get("greedy_ratios") or previous.ratios
@@ -271,6 +270,12 @@ def search_dc_ratios(
     if checkpoint is not None:
         result.save(checkpoint)
     return result
+
+
+def _refine_key(refine: Mapping[str, Any]) -> tuple[int, float | None]:
+    """What decides a refinement's result: its iterations and, when there are any, its learning rate."""
+    iterations = int(refine.get("iterations", 0))
+    return iterations, (float(refine["lr"]) if iterations else None)
 
 
 def _refine_jointly(

@@ -244,3 +244,14 @@ def test_digits_optimisation_is_reproducible_with_a_seed(tmp_path):
 
     a, b, c = run(0, "a"), run(0, "b"), run(1, "c")
     assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_optimize_for_model_needs_a_reference_for_its_stopping_metric(tmp_path):
+    """A model without an exact reference and ``reference_steps=0`` has nothing to stop on: a clear error."""
+    from diffsamplers.schedule_optimization import optimize_for_model
+
+    settings = AYSSettings(num_steps=3, refinements=0, num_samples=16, max_sweeps=1, batch_size=64)
+    with pytest.raises(ValueError, match="needs a reference: reference_steps must be > 0"):
+        optimize_for_model(
+            "digits", "dpm++2m", 3, tmp_path / "x.safetensors", settings, metric_samples=2, reference_steps=0, log=None
+        )
