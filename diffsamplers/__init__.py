@@ -1,12 +1,15 @@
 """diffsamplers: diffusion-model samplers that drop into diffusers.
 
-Layers (data flows down): noise processes → denoiser → schedules → solvers → sampling loop → adapters.
+Layers (nothing imports from a layer above it; ``tests/test_layers.py`` checks it): core primitives (noise,
+prediction, rng, denoiser) → bundled models and data → schedules → solvers → the sampling step, loop and reference
+→ guidance, teleportation → metrics → tuning → diffusers adapters → apps (registry, recipes, CLI, reports).
 """
 
 from .denoiser import Denoiser
 from .noise import ContinuousVP, DiscreteVP, NoiseProcess, RectifiedFlow, VarianceExploding, noise_process_from_config
+from .reference import reference_samples, reference_trajectory
 from .rng import NoiseSource
-from .sampling import NonFiniteError, StepInfo, sample
+from .sampling import initial_noise, sample
 from .schedules import Schedule
 from .solvers import (
     DDIM,
@@ -18,6 +21,7 @@ from .solvers import (
     ExposureBiasTimeShift,
     UniPC,
 )
+from .step import Guidance, NonFiniteError, StepInfo
 
 __version__ = "0.1.0"
 
@@ -34,6 +38,7 @@ __all__ = [
     "DynamicThresholding",
     "Euler",
     "ExposureBiasTimeShift",
+    "Guidance",
     "NoiseProcess",
     "NoiseSource",
     "NonFiniteError",
@@ -42,7 +47,10 @@ __all__ = [
     "StepInfo",
     "UniPC",
     "VarianceExploding",
+    "initial_noise",
     "noise_process_from_config",
+    "reference_samples",
+    "reference_trajectory",
     "sample",
 ]
 

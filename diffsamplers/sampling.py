@@ -1,123 +1,55 @@
 """The sampling loop: a denoiser, a solver and a schedule, run over a batch of any size.
 
-The loop precomputes the solver plan on the host, then per model evaluation issues the network call and
-the solver's few fused tensor ops — no value is read back to the host until the end of a chunk. Model
-outputs are checked for NaN/Inf by writing each step's per-sample sum of x̂0 (one reduction kernel; NaN
-and Inf propagate through a sum) into a device buffer that is read once per chunk; the error names the
-first bad step.
+The loop precomputes the solver plan on the host, then takes every step through the one step function
+(:mod:`diffsamplers.step`): per model evaluation the network call and the solver's few fused tensor ops — no
+value is read back to the host until the end of a chunk, where one read checks the model outputs for NaN/Inf
+and names the first bad step. Sampling builds no autograd graph unless asked (``enable_grad=True``), or unless
+a guidance needs the gradient of x̂0 (and then only inside that step).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from .denoiser import Denoiser, cond_batch_size, slice_cond
+from .noise import NoiseProcess
 from .rng import NoiseSource
 from .schedules.schedule import Schedule
 from .schedules.spacing import check_num_steps, default_schedule
-from .solvers.base import Solver, SolverPlan
+from .solvers.base import Solver
+from .step import Guidance, NonFiniteError, SamplingRun, StepInfo, as_guidance, integrate
 
-__all__ = ["sample", "StepInfo", "NonFiniteError", "run_plan", "model_device"]
-
-
-class NonFiniteError(FloatingPointError):
-    """The model produced NaN or Inf; ``step`` is the 0-based evaluation index where it first happened."""
-
-    def __init__(self, message: str, step: int):
-        super().__init__(message)
-        self.step = step
+__all__ = ["sample", "initial_noise", "model_device", "NonFiniteError", "StepInfo"]
 
 
-@dataclass(frozen=True)
-class StepInfo:
-    """What a callback sees after each model evaluation, before the update (k-diffusion's convention)."""
-
-    step: int
-    num_steps: int
-    sigma: float
-    timestep: float
-    x: torch.Tensor
-    x0: torch.Tensor
-    batch_start: int
-
-
-def _timesteps_on(plan: SolverPlan, device: torch.device) -> torch.Tensor:
-    ts = plan.timesteps
-    integral = bool(np.all(ts == np.round(ts)))
-    return torch.as_tensor(ts, dtype=torch.int64 if integral else torch.float32).to(device)
-
-
-def run_plan(
-    denoiser: Denoiser,
-    solver: Solver,
-    plan: SolverPlan,
-    x: torch.Tensor,
-    noise: NoiseSource,
+def initial_noise(
+    process: NoiseProcess,
+    sigma: float,
+    shape: Sequence[int],
+    noise: NoiseSource | int,
     *,
-    row_offset: int = 0,
-    cond: Mapping[str, Any] | None = None,
-    uncond: Mapping[str, Any] | None = None,
-    guidance_scale: float | None = None,
-    callback: Callable[[StepInfo], None] | None = None,
-    check_finite: bool = True,
-    progress: tqdm | None = None,
+    start: int = 0,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Integrate one batch ``x`` (at the plan's first noise level) to its final level.
+    """x_T for rows ``start … start + shape[0] − 1`` of a run that starts at noise level σ̃ = ``sigma``.
 
-    ``row_offset`` says which row of the whole run this batch starts at, for the noise source and callbacks.
+    N(0, I) scaled by the process's ``init_noise_sigma`` at that level (1 for VP and flow models, σ̃ for VE
+    models). ``noise`` is a :class:`NoiseSource` or an integer seed (one generator for the batch). Every
+    sampler, reference and table in the package draws its initial noise here.
     """
-    device = x.device
-    start, stop = row_offset, row_offset + x.shape[0]
-    timesteps = _timesteps_on(plan, device).unbind(0)  # views, indexed on the host
-    alphas, sigmas = plan.alpha_t.tolist(), plan.sigma_t.tolist()
-    stochastic = [s.noise != 0.0 for s in plan.steps]
-    state = solver.init_state()
-    sums = torch.empty((plan.num_evals, x.shape[0]), dtype=x.dtype, device=device) if check_finite else None
-    for k in range(plan.num_evals):
-        # A solver that moves samples off the grid (per-sample time shift) gives per-sample values here.
-        point = solver.evaluation_point(plan, state, k)
-        t_k, alpha_k, sigma_k = (timesteps[k], alphas[k], sigmas[k]) if point is None else point
-        x0 = denoiser.predict_x0(
-            x,
-            t_k,
-            alpha_k,
-            sigma_k,
-            cond=cond,
-            uncond=uncond,
-            guidance_scale=guidance_scale,
-        )
-        if sums is not None:
-            torch.sum(x0.detach().flatten(1), dim=1, out=sums[k])  # detached: sampling may run with grad
-        if callback is not None:
-            callback(StepInfo(k, plan.num_evals, float(plan.sigmas[k]), float(plan.timesteps[k]), x, x0, start))
-        z = noise.draw(start, stop, x.shape[1:], device, x.dtype) if stochastic[k] else None
-        x = solver.step(plan, state, k, x, x0, z)
-        if progress is not None:
-            progress.update(1)
-    if sums is not None:
-        _raise_if_bad(sums, plan, start)
-    return x
-
-
-def _raise_if_bad(sums: torch.Tensor, plan: SolverPlan, offset: int) -> None:
-    finite = torch.isfinite(sums).cpu()  # the one host read of the chunk
-    if bool(finite.all()):
-        return
-    bad_steps, bad_rows = torch.nonzero(~finite, as_tuple=True)
-    k = int(bad_steps.min())
-    rows = (bad_rows[bad_steps == k] + offset).tolist()
-    raise NonFiniteError(
-        f"the model produced NaN/Inf at step {k + 1} of {plan.num_evals} (evaluation index {k}, "
-        f"sigma={plan.sigmas[k]:.6g}, timestep={plan.timesteps[k]:g}) for {len(rows)} sample(s), "
-        f"e.g. rows {rows[:8]}",
-        step=k,
+    source = (
+        noise if isinstance(noise, NoiseSource) else NoiseSource(generator=torch.Generator().manual_seed(int(noise)))
     )
+    shape = tuple(int(s) for s in shape)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    x = source.draw(start, start + shape[0], shape[1:], device, dtype)
+    scale = process.init_noise_sigma(float(sigma))
+    return x if scale == 1.0 else x * scale
 
 
 def model_device(denoiser: Denoiser) -> torch.device:
@@ -131,6 +63,19 @@ def model_device(denoiser: Denoiser) -> torch.device:
     return torch.device("cpu")
 
 
+def _batch_shape(shape: Sequence[int] | None, x_T: torch.Tensor | None) -> tuple[int, ...]:
+    if x_T is not None:
+        if shape is not None and tuple(shape) != tuple(x_T.shape):
+            raise ValueError(f"shape {tuple(shape)} does not match x_T's shape {tuple(x_T.shape)}")
+        shape = tuple(x_T.shape)
+    if shape is None:
+        raise ValueError("give the batch shape (N, ...) or x_T")
+    shape = tuple(int(s) for s in shape)
+    if len(shape) < 2 or any(s <= 0 for s in shape):
+        raise ValueError(f"shape must be (N, *sample_shape) with positive sizes, got {shape}")
+    return shape
+
+
 def sample(
     denoiser: Denoiser,
     solver: Solver,
@@ -141,6 +86,7 @@ def sample(
     cond: Mapping[str, Any] | None = None,
     uncond: Mapping[str, Any] | None = None,
     guidance_scale: float | None = None,
+    guidance: Guidance | Sequence[Guidance] | None = None,
     generator: torch.Generator | None = None,
     seeds: Sequence[int] | None = None,
     batch_size: int | None = None,
@@ -151,6 +97,7 @@ def sample(
     progress: bool = True,
     check_finite: bool = True,
     noise: NoiseSource | None = None,
+    enable_grad: bool = False,
 ) -> torch.Tensor:
     """Draw samples by integrating from noise with ``solver`` on ``schedule``.
 
@@ -159,9 +106,10 @@ def sample(
         solver: e.g. ``DPMSolverPlusPlus(order=2)``.
         schedule: a :class:`Schedule`, or a number of steps for the default (uniform-time, ending at σ = 0).
         shape: the full batch shape ``(N, *sample_shape)``, unless ``x_T`` is given.
-        x_T: initial noise at the schedule's first level (otherwise drawn with std ``init_noise_sigma``).
+        x_T: initial noise at the schedule's first level (otherwise drawn by :func:`initial_noise`).
         cond / uncond: model keyword inputs (e.g. ``{"class_labels": y}``); tensors whose first dimension is
             N are split with the batch. ``uncond`` and a guidance scale ≠ 1 enable classifier-free guidance.
+        guidance: guidance hooks (:class:`~diffsamplers.step.Guidance`, one or a sequence composed in order).
         generator / seeds: one generator for the batch, or one seed per sample (results then do not depend
             on ``batch_size``).
         batch_size: run the N samples in chunks of this size.
@@ -172,6 +120,7 @@ def sample(
         check_finite: raise :class:`NonFiniteError` naming the step if the model produces NaN/Inf (one host
             read per chunk, at its end).
         noise: an explicit :class:`NoiseSource` (overrides ``generator``/``seeds``).
+        enable_grad: build the autograd graph through the whole run (off by default: sampling keeps no graph).
     """
     process = denoiser.process
     if isinstance(schedule, Schedule):
@@ -179,16 +128,7 @@ def sample(
     else:
         sched = default_schedule(process, check_num_steps(schedule, process))
     plan = solver.plan(process, sched)
-
-    if x_T is not None:
-        if shape is not None and tuple(shape) != tuple(x_T.shape):
-            raise ValueError(f"shape {tuple(shape)} does not match x_T's shape {tuple(x_T.shape)}")
-        shape = tuple(x_T.shape)
-    if shape is None:
-        raise ValueError("give the batch shape (N, ...) or x_T")
-    shape = tuple(int(s) for s in shape)
-    if len(shape) < 2 or any(s <= 0 for s in shape):
-        raise ValueError(f"shape must be (N, *sample_shape) with positive sizes, got {shape}")
+    shape = _batch_shape(shape, x_T)
     total = shape[0]
     if seeds is not None and len(seeds) != total:
         raise ValueError(f"got {len(seeds)} seeds for {total} samples")
@@ -196,40 +136,51 @@ def sample(
         b = cond_batch_size(c)
         if b is not None and b not in (1, total):
             raise ValueError(f"{name} has batch size {b} but {total} samples were requested")
-    if batch_size is not None and int(batch_size) <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if batch_size is not None and (isinstance(batch_size, bool) or int(batch_size) <= 0):
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+    if not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating dtype, got {dtype}")
+    hooks = as_guidance(guidance)
     chunk = total if batch_size is None else int(batch_size)
     run_device = (
         torch.device(device) if device is not None else (x_T.device if x_T is not None else model_device(denoiser))
     )
-    if not dtype.is_floating_point:
-        raise TypeError(f"dtype must be a floating dtype, got {dtype}")
     noise = noise if noise is not None else NoiseSource(generator=generator, seeds=seeds)
 
     outputs = []
     bar = tqdm(total=plan.num_evals * -(-total // chunk), desc=f"sampling ({solver.name})", disable=not progress)
     try:
-        for start in range(0, total, chunk):
-            stop = min(start + chunk, total)
-            if x_T is not None:
-                x = x_T[start:stop].to(device=run_device, dtype=dtype)
-            else:
-                x = noise.draw(start, stop, shape[1:], run_device, dtype) * plan.init_noise_sigma
-            out = run_plan(
-                denoiser,
-                solver,
-                plan,
-                x,
-                noise,
-                row_offset=start,
-                cond=slice_cond(cond, start, stop, total),
-                uncond=slice_cond(uncond, start, stop, total),
-                guidance_scale=guidance_scale,
-                callback=callback,
-                check_finite=check_finite,
-                progress=bar,
-            )
-            outputs.append(out if output_device is None else out.to(output_device))
+        with torch.set_grad_enabled(enable_grad):
+            for start in range(0, total, chunk):
+                stop = min(start + chunk, total)
+                if x_T is not None:
+                    x = x_T[start:stop].to(device=run_device, dtype=dtype)
+                else:
+                    x = initial_noise(
+                        process,
+                        plan.sigmas[0],
+                        (stop - start, *shape[1:]),
+                        noise,
+                        start=start,
+                        device=run_device,
+                        dtype=dtype,
+                    )
+                run = SamplingRun.start(
+                    solver,
+                    plan,
+                    x,
+                    denoiser=denoiser,
+                    cond=slice_cond(cond, start, stop, total),
+                    uncond=slice_cond(uncond, start, stop, total),
+                    guidance_scale=guidance_scale,
+                    guidance=hooks,
+                    noise=noise,
+                    row_offset=start,
+                    callback=callback,
+                    check_finite=check_finite,
+                )
+                out = integrate(run, x, bar.update)
+                outputs.append(out if output_device is None else out.to(output_device))
     finally:
         bar.close()
     return torch.cat(outputs, dim=0) if len(outputs) > 1 else outputs[0]

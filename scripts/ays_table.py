@@ -7,31 +7,31 @@ checkpoints, so an interrupted run resumes. All schedules are evaluated on other
 RMS error against the exact (Gaussian mixture) or 1,000-step reference, and any registered sample metrics.
 
     python scripts/ays_table.py --model gmm --solver dpm++2m --nfe 5 7 10
-    python scripts/ays_table.py --model gmm --solver dc-solver --nfe 5 7 10
+    python scripts/ays_table.py --model gmm --solver dc-solver:search --nfe 5 7 10
 
-``--solver dc-solver``: DC-Solver (UniPC bh2 base) with its compensation ratios searched afresh for every
-schedule and NFE (on ``--search-samples`` other noises, against a 1,000-step trajectory), since ratios belong
+``--solver dc-solver:search``: DC-Solver (UniPC bh2 base) with its compensation ratios searched afresh for every
+schedule and NFE (on ``--search-samples`` other noises, against the reference trajectory), since ratios belong
 to a grid; the schedules are learned with that searched DC-Solver's error as the early-stopping signal (the
 KLUB itself does not depend on the solver; ``--stop-solver unipc`` stops on plain UniPC's error instead).
+Solvers and models are specs of :mod:`diffsamplers.apps.recipes` and :mod:`diffsamplers.apps.registry`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from diffsamplers import sample
-from diffsamplers.dc.schedule_metric import SearchedDCErrorMetric
-from diffsamplers.evaluation.solver_error import evaluate, initial_noise, validation_set
-from diffsamplers.evaluation.tables import markdown_table
-from diffsamplers.models.registry import load_model
-from diffsamplers.schedule_optimization import DC_SOLVER, optimize_for_model
+from diffsamplers.apps.evaluation import evaluate, validation_set
+from diffsamplers.apps.recipes import parse_solver
+from diffsamplers.apps.registry import load_model
+from diffsamplers.apps.schedule_job import StoppingRule, optimize_for_model
+from diffsamplers.apps.tables import markdown_table, write_json
+from diffsamplers.reference import reference_description
 from diffsamplers.schedules import karras, uniform_logsnr, uniform_time
-from diffsamplers.schedules.ays_learned import LearnedSchedule
-from diffsamplers.schedules.ays_optimizer import AYSSettings
-from diffsamplers.solvers import DCSolver
-from diffsamplers.solvers.registry import make_solver
+from diffsamplers.schedules.learned import LearnedSchedule
+from diffsamplers.tuning.ays_optimizer import AYSSettings
+from diffsamplers.tuning.dc_search import search_dc_ratios
 
 
 def main() -> None:
@@ -53,7 +53,7 @@ def main() -> None:
         "--init", default="auto", choices=["auto", "uniform_time", "karras", "uniform_logsnr"], help="first schedule"
     )
     p.add_argument("--max-sweeps", type=int, default=100, help="first-stage sweeps at most (early stopping)")
-    p.add_argument("--reference-steps", type=int, default=1000, help="steps of the reference (no exact one)")
+    p.add_argument("--reference-steps", type=int, default=1000, help="steps of the reference solution")
     p.add_argument("--search-samples", type=int, default=10, help="DC-Solver: datapoints of each ratio search")
     p.add_argument("--sample-metrics", nargs="*", default=[], help="registered sample metrics, e.g. fd-digits")
     p.add_argument(
@@ -72,7 +72,8 @@ def main() -> None:
     schedule_solver = args.stop_solver or args.solver
     learned: dict[int, LearnedSchedule] = {}
     for n in sorted(set(args.nfe) | {10}):
-        path = out_dir / f"{args.model.replace(':', '_').replace('/', '_')}_{schedule_solver}_nfe{n}.safetensors"
+        name = f"{args.model}_{schedule_solver}".replace(":", "_").replace("/", "_")
+        path = out_dir / f"{name}_nfe{n}.safetensors"
         if path.is_file():
             learned[n] = LearnedSchedule.load(path)
             print(f"loaded {path}")
@@ -87,39 +88,47 @@ def main() -> None:
             refine_sweeps=args.refine_sweeps,
             init=args.init,
         )
-        learned[n] = optimize_for_model(
-            args.model,
+        rule = StoppingRule(
             schedule_solver,
-            n,
-            path,
-            settings,
             metric_samples=args.metric_samples,
             reference_steps=args.reference_steps,
             search_samples=args.search_samples,
+        )
+        learned[n] = optimize_for_model(
+            args.model,
+            n,
+            path,
+            settings,
+            rule,
             plot=path.with_suffix(".png"),
             data=args.data,
             device=args.device,
         )
         print(f"wrote {path} ({learned[n].metadata['seconds']} s)")
 
-    evaluation = validation_set(bundle, args.eval_samples, args.eval_seed, device, args.reference_steps)
-    searcher = None
-    if args.solver == DC_SOLVER:
-        x_search, cond_search = initial_noise(bundle, args.search_samples, args.eval_seed + 1, device)
-        searcher = SearchedDCErrorMetric(
-            bundle.denoiser,
-            DCSolver(),
-            evaluation.x_T,
-            evaluation.reference,
-            x_search,
-            model_id=args.model,
-            cond_search=cond_search,
-            reference_steps=args.reference_steps,
-            cond=evaluation.cond,
-        )
+    evaluation = validation_set(
+        bundle, args.eval_samples, args.eval_seed, device=device, reference_steps=args.reference_steps
+    )
+    recipe = parse_solver(args.solver)
+    search = bundle.draw(args.search_samples, args.eval_seed + 1, device=device)
 
     def solver_for(sched):
-        return make_solver(args.solver) if searcher is None else searcher.searched(sched)
+        """The solver; DC-Solver's ratios searched for this schedule (they belong to a grid)."""
+        return recipe.build(
+            nfe=sched.num_steps,
+            folder=bundle.folder,
+            search=lambda dc: (
+                search_dc_ratios(
+                    bundle.denoiser,
+                    dc,
+                    sched,
+                    search.x_T,
+                    model_id=args.model,
+                    cond=search.cond,
+                    reference_steps=args.reference_steps,
+                ).ratios
+            ),
+        )
 
     stages_of_10 = "→".join(map(str, sorted(learned[10].stages)))  # 10→20→40 with the paper's refinements
     schedules = {
@@ -145,7 +154,9 @@ def main() -> None:
         print(f"\n{metric} ({args.model}, {args.solver}, {args.eval_samples} samples, eval seed {args.eval_seed})")
         print(markdown_table(rows, args.nfe, metric, "schedule", "NFE {}"))
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2, default=str))
+        write_json(
+            {"args": vars(args), "reference": reference_description(args.reference_steps), "rows": rows}, args.json
+        )
 
 
 if __name__ == "__main__":

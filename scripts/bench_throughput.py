@@ -55,8 +55,8 @@ def measure(unet, config: dict, batch: int, device: torch.device, dtype: torch.d
     from diffusers import DDPMPipeline, DPMSolverMultistepScheduler
 
     from diffsamplers import Denoiser, DPMSolverPlusPlus, sample
+    from diffsamplers.adapters import DigitsPipeline
     from diffsamplers.noise import noise_process_from_config
-    from diffsamplers.pipelines import DigitsPipeline
     from diffsamplers.schedules import diffusers_spacing
 
     cfg = unet.config

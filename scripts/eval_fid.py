@@ -1,6 +1,6 @@
-"""Sample N images in resumable shards and compute FID / FD-digits (see diffsamplers.evaluation.fid_job)."""
+"""Sample N images in resumable shards and compute FID / FD-digits (see diffsamplers.apps.fid_job)."""
 
-from diffsamplers.evaluation.fid_job import main
+from diffsamplers.apps.fid_job import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from diffsamplers.dc.cpr import CascadePolynomialRegression
-from diffsamplers.dc.ratios import DCRatios
+from diffsamplers.solvers.dc_cpr import CascadePolynomialRegression
+from diffsamplers.solvers.dc_ratios import DCRatios
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,7 +5,7 @@ python scripts/optimize_schedule.py --model gmm --solver dpm++2m --nfe 10 --out 
 
 import sys
 
-from diffsamplers.cli import main
+from diffsamplers.apps.cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main(["schedule", "optimize", *sys.argv[1:]]))

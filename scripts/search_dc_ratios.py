@@ -1,10 +1,10 @@
 """Search DC-Solver's compensation ratios for a model, NFE and guidance scale; save them (resumable).
 
-    python scripts/search_dc_ratios.py --problem gmm-cond --nfe 8 --guidance 7.5 --out ratios/gmm-cond_8_7.5.safetensors
-    python scripts/search_dc_ratios.py --problem mypkg.models:dc_problem --nfe 5 --guidance 1 --out r.safetensors
+    python scripts/search_dc_ratios.py --model gmm-cond --nfe 8 --guidance 7.5 --out ratios/gmm-cond_8_7.5.safetensors
+    python scripts/search_dc_ratios.py --model mypkg.models:bundle --nfe 5 --guidance 1 --out r.safetensors
 
-``--problem`` is a bundled exact model (``gmm``, ``gmm-cond``) or ``package.module:factory`` returning a
-:class:`diffsamplers.dc.evaluate.Problem` (denoiser, sample shape, condition sampler, grid). The ratios are
+``--model`` is any model spec of :mod:`diffsamplers.apps.registry` (``gmm``, ``gmm-cond``, ``digits``, a pipeline
+folder, or ``package.module:factory`` returning a ``ModelBundle``); ``--schedule`` a schedule spec. The ratios are
 written after every step; running the same command again resumes an interrupted search.
 """
 
@@ -14,16 +14,16 @@ import argparse
 import sys
 import time
 
-import torch
-
-from diffsamplers.dc.evaluate import load_problem
-from diffsamplers.dc.search import PAPER_DATAPOINTS, search_dc_ratios
+from diffsamplers.apps.recipes import parse_schedule
+from diffsamplers.apps.registry import describe_models, load_model
 from diffsamplers.solvers import DCSolver, DPMSolverPlusPlus, UniPC
+from diffsamplers.tuning.dc_search import PAPER_DATAPOINTS, search_dc_ratios
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--problem", default="gmm-cond", help="gmm, gmm-cond or package.module:factory")
+    parser.add_argument("--model", default="gmm-cond", help=f"model spec: {describe_models()}")
+    parser.add_argument("--schedule", default="linspace/sigma_min", help="schedule spec (the DC paper's grid)")
     parser.add_argument("--nfe", type=int, required=True)
     parser.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1: none)")
     parser.add_argument("--out", required=True, help="output .safetensors (also the checkpoint to resume)")
@@ -44,26 +44,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default=None, help="e.g. cuda (default: where the model is, else cpu)")
     args = parser.parse_args(argv)
 
-    problem = load_problem(args.problem)
+    try:
+        bundle = load_model(args.model, device=args.device)
+        schedule = parse_schedule(args.schedule).build(bundle.process, args.nfe)
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        print(f"search_dc_ratios: error: {err}", file=sys.stderr)
+        return 2
     base = UniPC(args.order, args.variant) if args.base == "unipc" else DPMSolverPlusPlus(args.order)
     solver = DCSolver(base=base, dc_order=args.dc_order)
-    x_T, (cond, uncond) = problem.draw(args.datapoints, args.seed, args.guidance)
-    if args.device is not None:
-        x_T = x_T.to(args.device)
-        move = lambda c: (
-            None if c is None else {k: v.to(args.device) if torch.is_tensor(v) else v for k, v in c.items()}
-        )  # noqa: E731
-        cond, uncond = move(cond), move(uncond)
+    draw = bundle.draw(args.datapoints, args.seed, args.guidance, device=args.device or bundle.device)
     start = time.perf_counter()
     try:
         result = search_dc_ratios(
-            problem.denoiser,
+            bundle.denoiser,
             solver,
-            problem.schedule(args.nfe),
-            x_T,
-            model_id=problem.name,
-            cond=cond,
-            uncond=uncond,
+            schedule,
+            draw.x_T,
+            model_id=bundle.name,
+            cond=draw.cond,
+            uncond=draw.uncond,
             guidance_scale=args.guidance,
             reference_steps=args.reference_steps,
             iterations=args.iterations,
@@ -77,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, FileNotFoundError) as err:
         print(f"search_dc_ratios: error: {err}", file=sys.stderr)
         return 2
-    print(f"ratios ({problem.name}, {solver.name}, NFE {args.nfe}, guidance {args.guidance:g}): {result.ratios}")
+    print(f"ratios ({bundle.name}, {solver.name}, NFE {args.nfe}, guidance {args.guidance:g}): {result.ratios}")
     print(f"wrote {args.out} ({time.perf_counter() - start:.1f} s)")
     return 0
 

@@ -12,18 +12,17 @@ of its error curve) minus the teleported run's NFE.
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 import numpy as np
 
 from diffsamplers import sample
-from diffsamplers.evaluation.solver_error import evaluate, validation_set
-from diffsamplers.gaussian_stats import GaussianStatistics, class_statistics, load_class_statistics
-from diffsamplers.gaussian_teleport import GaussianTeleport, choose_skip
-from diffsamplers.models.registry import load_model
-from diffsamplers.schedules import build_schedule
-from diffsamplers.solvers.registry import make_solver
+from diffsamplers.apps.evaluation import evaluate, validation_set
+from diffsamplers.apps.recipes import make_solver, parse_schedule
+from diffsamplers.apps.registry import load_model
+from diffsamplers.apps.tables import write_json
+from diffsamplers.reference import reference_description
+from diffsamplers.teleport.gaussian import GaussianTeleport, choose_skip
+from diffsamplers.teleport.statistics import GaussianStatistics, class_statistics, load_class_statistics
 
 
 def nfe_for_error(nfes: list[int], errors: list[float], target: float) -> float:
@@ -43,7 +42,7 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=None, help="low-rank + isotropic statistics of this rank")
     p.add_argument("--per-class", action="store_true", help="one Gaussian per class (class-conditional models)")
     p.add_argument("--solver", default="dpm++2m")
-    p.add_argument("--spacing", default="karras")
+    p.add_argument("--schedule", default="karras", help="schedule spec (see diffsamplers.apps.recipes)")
     p.add_argument("--steps", type=int, nargs="+", default=[5, 6, 7, 8, 10, 12, 15, 20, 25, 30])
     p.add_argument("--tolerance", type=float, nargs="+", default=[0.01, 0.05])
     p.add_argument("--eval-samples", type=int, default=512)
@@ -71,7 +70,8 @@ def main() -> None:
             stats = stats.truncate(args.rank)
         print(f"statistics: {stats.source}, rank {stats.rank} of {stats.dim}, residual {stats.residual_variance:.3g}")
     solver = make_solver(args.solver)
-    evaluation = validation_set(bundle, args.eval_samples, args.eval_seed, device)
+    evaluation = validation_set(bundle, args.eval_samples, args.eval_seed, device=device)
+    recipe = parse_schedule(args.schedule)
 
     def run(sched, tele=None):
         if tele is None:
@@ -82,10 +82,10 @@ def main() -> None:
 
     plain = {}
     for n in args.steps:
-        plain[n] = run(build_schedule(den.process, n, args.spacing))
+        plain[n] = run(recipe.build(den.process, n))
     nfes = sorted(plain)
     results = {"plain": {n: plain[n] for n in nfes}, "teleport": {}}
-    print(f"\n{args.model}, {args.solver}, {args.spacing} grids, {args.eval_samples} samples (RMS vs reference)")
+    print(f"\n{args.model}, {args.solver}, {args.schedule} grids, {args.eval_samples} samples (RMS vs reference)")
     print(
         "| steps N | plain: NFE, RMS | tolerance | skip k (σ_skip) | teleport: NFE, RMS | plain NFE at that RMS | NFE saved |"
     )
@@ -93,8 +93,8 @@ def main() -> None:
     for tol in args.tolerance:
         results["teleport"][tol] = {}
         for n in nfes:
-            sched = build_schedule(den.process, n, args.spacing)
-            choice = choose_skip(den, stats, sched, tolerance=tol, cond=bundle.cond(64, 99))
+            sched = recipe.build(den.process, n)
+            choice = choose_skip(den, stats, sched, tolerance=tol, cond=bundle.draw(64, 99).cond)
             k = choice.skip
             res = run(sched, GaussianTeleport(stats, skip=k)) if k else plain[n]
             need = nfe_for_error(nfes, [plain[m]["rms"] for m in nfes], res["rms"])
@@ -105,7 +105,7 @@ def main() -> None:
                 f"| {need:.2f} | {saved:.2f} ({100 * saved / need:.0f} %) |"
             )
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2, default=str))
+        write_json({"args": vars(args), "reference": reference_description(), "results": results}, args.json)
 
 
 if __name__ == "__main__":

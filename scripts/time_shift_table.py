@@ -14,16 +14,13 @@ w // 2 (e.g. DPM-Solver 5 steps: w = 30, c = 300 → ``15:300``; ADM-DDIM: w = 8
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 from diffsamplers import sample
-from diffsamplers.evaluation.solver_error import evaluate, validation_set
-from diffsamplers.evaluation.tables import markdown_table
-from diffsamplers.models.registry import load_model
-from diffsamplers.schedules import diffusers_spacing
-from diffsamplers.solvers import ExposureBiasTimeShift
-from diffsamplers.solvers.registry import make_solver
+from diffsamplers.apps.evaluation import evaluate, validation_set
+from diffsamplers.apps.recipes import make_solver, parse_schedule
+from diffsamplers.apps.registry import load_model
+from diffsamplers.apps.tables import markdown_table, write_json
+from diffsamplers.reference import reference_description
 
 
 def parse_setting(text: str) -> tuple[int, float, float]:
@@ -39,6 +36,7 @@ def main() -> None:
     p.add_argument("--data", default=None)
     p.add_argument("--solvers", nargs="+", default=["ddim", "dpm++2m"])
     p.add_argument("--steps", type=int, nargs="+", default=[5, 10, 20])
+    p.add_argument("--schedule", default="trailing", help="schedule spec (see diffsamplers.apps.recipes)")
     p.add_argument(
         "--settings", type=parse_setting, nargs="+", default=[(15, 300.0, 0.0), (40, 300.0, 0.0), (5, 550.0, 0.0)]
     )
@@ -53,27 +51,34 @@ def main() -> None:
     bundle = load_model(args.model, device=args.device, data=args.data)
     den = bundle.denoiser
     device = args.device or "cpu"
-    evaluation = validation_set(bundle, args.eval_samples, args.eval_seed, device, args.reference_steps)
+    evaluation = validation_set(
+        bundle, args.eval_samples, args.eval_seed, device=device, reference_steps=args.reference_steps
+    )
+    schedule = parse_schedule(args.schedule)
     metrics = ([] if evaluation.reference is None else ["rms"]) + list(args.sample_metrics)
     rows = {}
     for name in args.solvers:
         variants = {name: make_solver(name)}
         for w, c, v in args.settings:
             label = f"{name} + time shift (half width {w}, cutoff {c:g}" + (f", signal variance {v:g})" if v else ")")
-            variants[label] = ExposureBiasTimeShift(make_solver(name), half_width=w, cutoff=c, signal_variance=v)
+            variants[label] = make_solver(f"{name}+ts:half_width={w},cutoff={c!r},signal_variance={v!r}")
         for label, solver in variants.items():
             rows[label] = {}
             for n in args.steps:
-                sched = diffusers_spacing(den.process, n, "trailing")
+                sched = schedule.build(den.process, n)
                 run = lambda x_T, cond, s=solver, sc=sched: sample(  # noqa: E731
                     den, s, sc, x_T=x_T, cond=cond, batch_size=1024, progress=False
                 )
                 rows[label][n] = evaluate(bundle, evaluation, run, args.sample_metrics)
     for metric in metrics:
-        print(f"\n{metric} ({args.model}, trailing grids, {args.eval_samples} samples, eval seed {args.eval_seed})")
+        print(
+            f"\n{metric} ({args.model}, {args.schedule} grids, {args.eval_samples} samples, eval seed {args.eval_seed})"
+        )
         print(markdown_table(rows, args.steps, metric, "sampler"))
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2, default=str))
+        write_json(
+            {"args": vars(args), "reference": reference_description(args.reference_steps), "rows": rows}, args.json
+        )
 
 
 if __name__ == "__main__":

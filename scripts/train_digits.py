@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
+from diffsamplers.adapters import DigitsPipeline
 from diffsamplers.data.digits import NUM_CLASSES, load_digits_dataset
 from diffsamplers.models.digits import DIGITS_PIPELINE_DIR, NULL_CLASS
 from diffsamplers.noise import noise_process_from_config
-from diffsamplers.pipelines import DigitsPipeline
 
 UNET_CONFIG = dict(
     sample_size=16,

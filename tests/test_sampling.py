@@ -147,7 +147,7 @@ def test_explicit_noise_source_and_x_T():
         (dict(schedule=5, shape=(2,)), ValueError, "shape must be"),
         (dict(schedule=5, shape=(3, *SHAPE), x_T=torch.zeros(2, *SHAPE)), ValueError, "does not match x_T's shape"),
         (dict(schedule=5, shape=(3, *SHAPE), seeds=[1, 2]), ValueError, "got 2 seeds for 3 samples"),
-        (dict(schedule=5, shape=(3, *SHAPE), batch_size=0), ValueError, "batch_size must be positive"),
+        (dict(schedule=5, shape=(3, *SHAPE), batch_size=0), ValueError, "batch_size must be a positive integer"),
         (dict(schedule=5, shape=(3, *SHAPE), cond={"y": torch.zeros(2)}), ValueError, "cond has batch size 2 but 3"),
         (dict(schedule=5, shape=(3, *SHAPE), generator=torch.Generator(), seeds=[1, 2, 3]), ValueError, "not both"),
         (dict(schedule=5, shape=(3, *SHAPE), dtype=torch.int64), TypeError, "floating dtype"),
@@ -165,9 +165,10 @@ def test_bad_input(kwargs, error, message):
         sample(DEN, DPMSolverPlusPlus(), schedule, shape, progress=False, **kwargs)
 
 
-def test_sampling_with_gradients_enabled_is_differentiable():
-    """Outside ``torch.no_grad`` a model with trainable weights gives a differentiable sample (the NaN check
-    reads detached values), e.g. for guidance or ratio-search code built on ``sample``."""
+def test_sampling_builds_no_graph_unless_asked():
+    """A diffusers model from ``from_pretrained`` has trainable weights: by default the sample carries no graph
+    (the README's "From Python" example was killed for memory by the graph), and ``enable_grad=True`` gives a
+    differentiable sample with the same values (for guidance or ratio searches built on ``sample``)."""
     from diffsamplers.models.digits import load_digits
 
     model = load_digits()
@@ -175,11 +176,11 @@ def test_sampling_with_gradients_enabled_is_differentiable():
     x_T = torch.randn(2, *model.sample_shape, generator=torch.Generator().manual_seed(0))
     schedule = uniform_logsnr(den.process, 3)
     labels = {"class_labels": torch.tensor([1, 2])}
-    out = sample(den, DPMSolverPlusPlus(2), schedule, x_T=x_T, cond=labels, progress=False)
+    plain = sample(den, DPMSolverPlusPlus(2), schedule, x_T=x_T, cond=labels, progress=False)
+    assert not plain.requires_grad and plain.grad_fn is None
+    out = sample(den, DPMSolverPlusPlus(2), schedule, x_T=x_T, cond=labels, progress=False, enable_grad=True)
     assert out.requires_grad
     weight = next(p for p in model.unet.parameters() if p.requires_grad)
     (grad,) = torch.autograd.grad(out.square().mean(), [weight])
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0
-    with torch.no_grad():
-        ref = sample(den, DPMSolverPlusPlus(2), schedule, x_T=x_T, cond=labels, progress=False)
-    torch.testing.assert_close(out.detach(), ref)
+    torch.testing.assert_close(out.detach(), plain)

@@ -1,12 +1,14 @@
 """diffusers adapters: scheduler classes over this package's solvers (never a second copy of the maths)."""
 
 from .dc_solver_scheduler import DCSolverScheduler
+from .digits_pipeline import DigitsPipeline
 from .dpm_solver_pp_scheduler import DPMSolverPlusPlusScheduler
 from .exposure_bias_time_shift import TimeShiftHandle, attach_exposure_bias_time_shift
 from .scheduler_base import SolverScheduler
 
 __all__ = [
     "DCSolverScheduler",
+    "DigitsPipeline",
     "DPMSolverPlusPlusScheduler",
     "SolverScheduler",
     "TimeShiftHandle",

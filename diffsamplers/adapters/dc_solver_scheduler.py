@@ -8,9 +8,9 @@ works in any diffusers pipeline; without ratios (or with all ratios 1) it *is* U
 config onto them. Extra keys, all JSON values:
 
 * ``dc_ratios``: ``None`` (plain UniPC), a list of NFE ratios, or the path of a ``.safetensors`` file —
-  searched ratios (:class:`diffsamplers.dc.ratios.DCRatios`, checked against the NFE, schedule, solver and,
+  searched ratios (:class:`diffsamplers.solvers.dc_ratios.DCRatios`, checked against the NFE, schedule, solver and,
   when given, ``dc_model_id`` / ``dc_guidance_scale``) or a cascade polynomial regression
-  (:class:`diffsamplers.dc.cpr.CascadePolynomialRegression`, which predicts the ratios of any NFE at
+  (:class:`diffsamplers.solvers.dc_cpr.CascadePolynomialRegression`, which predicts the ratios of any NFE at
   ``dc_guidance_scale``);
 * ``dc_order``: K of the K + 1-point Lagrange compensation (2);
 * ``base_solver``: ``"unipc"`` (default) or ``"dpmsolver++"`` — DC as a plug-in for the predictor-only
@@ -25,19 +25,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers
 
-from ..artifacts import load_artifact
-from ..dc.cpr import KIND as CPR_KIND
-from ..dc.cpr import CascadePolynomialRegression
-from ..dc.ratios import KIND as RATIOS_KIND
-from ..dc.ratios import DCRatios, schedule_description, solver_settings
 from ..schedules.schedule import Schedule
+from ..solvers.dc_cpr import CascadePolynomialRegression, load_ratio_source
+from ..solvers.dc_ratios import DCRatios, schedule_description, solver_settings
 from ..solvers.dc_solver import DCSolver, check_ratios
 from ..solvers.dpm_solver_pp import DPMSolverPlusPlus
 from ..solvers.thresholding import DynamicThresholding
@@ -157,14 +153,7 @@ class DCSolverScheduler(SolverScheduler, ConfigMixin):
         if not isinstance(value, str):
             return None
         if self._source is None:
-            path = Path(value)
-            kind = load_artifact(path)[1].get("kind")
-            if kind == RATIOS_KIND:
-                self._source = DCRatios.load(path)
-            elif kind == CPR_KIND:
-                self._source = CascadePolynomialRegression.load(path)
-            else:
-                raise ValueError(f"dc_ratios file {value} holds {kind!r}, not DC-Solver ratios or a CPR fit")
+            self._source = load_ratio_source(value)
         return self._source
 
     def ratios_for(self, schedule: Schedule) -> list[float] | None:

@@ -32,10 +32,10 @@ from diffusers.utils.torch_utils import randn_tensor
 from ..denoiser import compute_dtype
 from ..noise import DiscreteVP, NoiseProcess, noise_process_from_config
 from ..prediction import check_prediction_type, to_x0
-from ..sampling import NonFiniteError
 from ..schedules.diffusers_compat import diffusers_sigmas, schedule_from_scheduler_config
 from ..schedules.schedule import Schedule
 from ..solvers.base import Solver, SolverPlan, SolverState
+from ..step import FiniteCheck, SamplingRun, evaluation_point, step
 
 __all__ = ["SolverScheduler", "check_json_config"]
 
@@ -82,7 +82,7 @@ class SolverScheduler(SchedulerMixin):
         self._timesteps_host = self.timesteps.numpy().astype(np.float64)
         self._step_index: int | None = None
         self._begin_index: int | None = None
-        self._sums: torch.Tensor | None = None
+        self._finite: FiniteCheck | None = None
         self._tables: dict[torch.device, _MarginalTable] = {}
 
     @abstractmethod
@@ -165,12 +165,17 @@ class SolverScheduler(SchedulerMixin):
         self.state = self.solver.init_state()
         self._step_index = None
         self._begin_index = None
-        self._sums = None
+        self._finite = None
 
     # -- stepping -------------------------------------------------------------------------------
     def scale_model_input(self, sample: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """VP and flow models take the sample unscaled."""
         return sample
+
+    def _run(self) -> SamplingRun:
+        """The scheduler's solver, plan and state as a run of the one step function (the model is called outside)."""
+        assert self.plan is not None
+        return SamplingRun(self.solver, self.plan, self.state, finite=self._finite)
 
     def _model_output_to_x0(self, model_output: torch.Tensor, sample: torch.Tensor, k: int) -> torch.Tensor:
         if (
@@ -183,9 +188,7 @@ class SolverScheduler(SchedulerMixin):
                 f"model_output shape {tuple(model_output.shape)} does not match sample shape {tuple(sample.shape)}"
             )
         work = compute_dtype(sample.dtype)
-        plan = self.plan
-        point = self.solver.evaluation_point(plan, self.state, k)  # per-sample (α, σ) off the grid (time shift)
-        alpha, sigma = (float(plan.alpha_t[k]), float(plan.sigma_t[k])) if point is None else point[1:]
+        _, alpha, sigma = evaluation_point(self._run(), k, sample.device)  # per-sample off the grid (time shift)
         return to_x0(model_output.to(work), sample.to(work), alpha, sigma, self.prediction_type)
 
     def current_model_timesteps(self) -> torch.Tensor | None:
@@ -230,10 +233,8 @@ class SolverScheduler(SchedulerMixin):
         if k >= self.plan.num_evals:
             raise ValueError(f"all {self.plan.num_evals} steps have been taken; call set_timesteps again")
         x0 = self._model_output_to_x0(model_output, sample, k)
-        if self.check_finite:
-            if self._sums is None:
-                self._sums = torch.zeros(self.plan.num_evals, dtype=x0.dtype, device=x0.device)
-            torch.sum(x0.reshape(-1), dim=0, out=self._sums[k])
+        if self.check_finite and self._finite is None:
+            self._finite = FiniteCheck(self.plan.num_evals, x0.shape[0], x0.device, x0.dtype)
         noise = None
         if self._draws_noise():
             if variance_noise is not None:
@@ -242,26 +243,16 @@ class SolverScheduler(SchedulerMixin):
                 noise = randn_tensor(
                     tuple(model_output.shape), generator=generator, device=model_output.device, dtype=torch.float32
                 )
-        prev = self.solver.step(self.plan, self.state, k, sample, x0, noise)
+        run = self._run()
+        prev = step(run, k, sample, x0=x0, z=noise)
         self._step_index = k + 1
-        if self._step_index == self.plan.num_evals and self._sums is not None:
-            self._raise_if_bad()
+        if self._step_index == self.plan.num_evals and self._finite is not None:
+            finite, self._finite = self._finite, None
+            finite.raise_if_bad(self.plan)  # one host read per run, after the last step
         prev = prev.to(model_output.dtype)
         if not return_dict:
             return (prev,)
         return SchedulerOutput(prev_sample=prev)
-
-    def _raise_if_bad(self) -> None:
-        finite = torch.isfinite(self._sums).cpu()  # one host read per run, after the last step
-        self._sums = None
-        if not bool(finite.all()):
-            k = int(torch.nonzero(~finite)[0])
-            plan = self.plan
-            raise NonFiniteError(
-                f"the model output contained NaN/Inf at step {k + 1} of {plan.num_evals} "
-                f"(timestep {plan.timesteps[k]:g}, sigma {plan.sigmas[k]:.6g})",
-                step=k,
-            )
 
     # -- forward process ------------------------------------------------------------------------
     def _table(self, device: torch.device) -> _MarginalTable:

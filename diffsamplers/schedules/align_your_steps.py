@@ -24,7 +24,7 @@ The last noise level (σ_min of the model) is handled by a named convention, ``f
   step runs from σ_min to 0, so the optimised 10-step grid is *not* reproduced at n = 10.
 * ``"sigma_min"``: interpolate to n + 1 levels and stop at σ_min (the paper's own endpoint).
 
-The same interpolation serves learned schedules (:mod:`diffsamplers.schedules.ays_optimizer`).
+The same interpolation serves learned schedules (:mod:`diffsamplers.tuning.ays_optimizer`).
 """
 
 from __future__ import annotations

@@ -132,6 +132,10 @@ class SolverState:
         if len(self.history) > size:
             del self.history[0]
 
+    def copy(self) -> SolverState:
+        """A shallow copy: its own history list, the same tensors (steps never modify them in place)."""
+        return SolverState(history=list(self.history), anchor=self.anchor)
+
     def index_select(self, index: torch.Tensor) -> SolverState:
         """The state of the samples ``index`` (e.g. resampled particles' ancestors), gathered along dim 0."""
         return SolverState(
@@ -313,13 +317,14 @@ class Solver(ABC):
         x0: torch.Tensor,
         noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Advance from evaluation point ``index`` (sample ``x``, prediction ``x0``) to the next one.
+        """Advance from evaluation point ``index`` (sample ``x``, prediction ``x0``) to the next one:
+        :meth:`correct`, then :meth:`advance` — for every solver.
 
         Arithmetic runs in float32 (float64 inputs stay float64) whatever the model dtype; the result is
         in that dtype.
         """
         c, x = self.correct(plan, state, index, x, x0)
-        return self.advance(state, c, x, noise, index)
+        return self.advance(plan, state, index, c, x, noise)
 
     def correct(
         self, plan: SolverPlan, state: SolverState, index: int, x: torch.Tensor, x0: torch.Tensor
@@ -349,11 +354,12 @@ class Solver(ABC):
 
     def advance(
         self,
+        plan: SolverPlan,
         state: SolverState,
+        index: int,
         c: LinearStep,
         x: torch.Tensor,
         noise: torch.Tensor | None = None,
-        index: int | None = None,
         compensation: Sequence[float | torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Second half of :meth:`step`: compensate the newest x̂0 if planned, then apply the update ``c``.

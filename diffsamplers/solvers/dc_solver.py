@@ -16,8 +16,8 @@ maps. ρ_i = 1 gives τ_i = t_i and m̂_i = m_i: that step is then exactly the b
 recomputed). m̂_i stays in the buffer, so the corrector at t_{i+1} and later steps see it too. The first K
 steps have fewer than K + 1 predictions and use ρ = 1; the paper's K = ``dc_order`` = 2.
 
-The ratios ρ_i are searched per model/NFE/guidance scale (:mod:`diffsamplers.dc.search`) or predicted by
-cascade polynomial regression (:mod:`diffsamplers.dc.cpr`). With fixed ratios the Lagrange weights are host
+The ratios ρ_i are searched per model/NFE/guidance scale (:mod:`diffsamplers.tuning.dc_search`) or predicted by
+cascade polynomial regression (:mod:`diffsamplers.solvers.dc_cpr`). With fixed ratios the Lagrange weights are host
 floats computed at plan time, and the compensation is K + 1 fused tensor ops per step.
 
 Compensation also plugs into predictor-only multistep solvers (the paper's Table 6: DPM-Solver++, UniP):

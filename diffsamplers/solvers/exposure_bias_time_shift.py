@@ -41,6 +41,7 @@ biases the choice towards noisier times; reference notes §3.5).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
@@ -125,6 +126,15 @@ class TimeShiftState(SolverState):
     points: dict[int, _Point] = field(default_factory=dict)
     sample_ndim: int = 4
     work_dtype: torch.dtype = torch.float32
+
+    def copy(self) -> TimeShiftState:
+        return TimeShiftState(
+            history=list(self.history),
+            anchor=self.anchor,
+            points=dict(self.points),
+            sample_ndim=self.sample_ndim,
+            work_dtype=self.work_dtype,
+        )
 
     def index_select(self, index: torch.Tensor) -> TimeShiftState:
         base = super().index_select(index)
@@ -289,19 +299,24 @@ class ExposureBiasTimeShift(Solver):
         work = state.work_dtype
         return point.timestep, point.alpha.to(work).view(view), point.sigma.to(work).view(view)
 
-    def step(
-        self,
-        plan: SolverPlan,
-        state: SolverState,
-        index: int,
-        x: torch.Tensor,
-        x0: torch.Tensor,
-        noise: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def _own(self, plan: SolverPlan, state: SolverState) -> tuple[TimeShiftPlan, TimeShiftState]:
         if not isinstance(plan, TimeShiftPlan) or not isinstance(state, TimeShiftState):
-            raise TypeError("ExposureBiasTimeShift.step needs its own plan and state (from .plan and .init_state)")
+            raise TypeError(f"{self.name} needs its own plan and state (from .plan and .init_state)")
+        return plan, state
+
+    def _points(
+        self, plan: TimeShiftPlan, state: TimeShiftState, index: int, c: LinearStep, like: torch.Tensor
+    ) -> list[_Point]:
+        """The points step ``index`` involves: its target, its current point, then earlier ones (newest first)."""
+        return [self._point(plan, state, index + 1 - m, like) for m in range(0, c.history_needed + 1)]
+
+    def correct(
+        self, plan: SolverPlan, state: SolverState, index: int, x: torch.Tensor, x0: torch.Tensor
+    ) -> tuple[LinearStep, torch.Tensor]:
+        """Store x̂0, pick the sample's next point (on a shifted step) and apply the corrector, per sample."""
+        plan, state = self._own(plan, state)
         if not plan.per_sample[index]:
-            return self.base.step(plan.base, state, index, x, x0, noise)
+            return self.base.correct(plan.base, state, index, x, x0)
         c = plan.steps[index]
         work = compute_dtype(x.dtype)
         x = x if x.dtype == work else x.to(work)
@@ -314,56 +329,93 @@ class ExposureBiasTimeShift(Solver):
         if len(state.history) < c.history_needed:
             raise ValueError(f"{self.name} cannot start at step {index}: it needs the history of earlier steps")
         like = torch.zeros(x.shape[0], dtype=_table_dtype(x.device), device=x.device)
-        current = self._point(plan, state, index, like)
-        view = (-1,) + (1,) * (x.ndim - 1)
         if plan.shifts[index]:
-            table = plan.device_windows(x.device)[index]
-            if self.variance_source == "x":
-                source = x
-            else:  # the noise prediction ε̂ = (x − α x̂0)/σ
-                source = (x - current.alpha.to(work).view(view) * raw_x0) / current.sigma.to(work).view(view)
-            v = torch.var(source.flatten(1), dim=1).to(like.dtype)
-            dist = (v[:, None] - table["target_variance"][None, :]).abs()
-            # Only candidates strictly less noisy than the sample's current point keep its grid monotone.
-            dist = dist.masked_fill(table["lam"][None, :] <= current.lam[:, None], math.inf)
-            pick = dist.argmin(dim=1)
-            target = _Point(*(table[k][pick] for k in ("lam", "alpha", "sigma", "timesteps", "time")))
-            state.points[index + 1] = target
-        else:
-            target = self._point(plan, state, index + 1, like)
-        # The points the step involves: its target, its current point, then earlier ones (newest first).
-        points = [target, current] + [self._point(plan, state, index - m, like) for m in range(1, c.history_needed)]
-        lam, alpha, sigma, time = ([getattr(p, f) for p in points] for f in ("lam", "alpha", "sigma", "time"))
-        history = state.history[::-1]  # newest first
-
-        def combine(terms: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-            """Σ w·t with per-sample float64 weights w, in the working dtype (a new tensor)."""
-            (w0, t0), *rest = terms
-            out = t0 * w0.to(work).view(view)
-            for w, t in rest:
-                out.addcmul_(t, w.to(work).view(view))
-            return out
-
-        # The step as the base's LinearStep, per sample: corrector, anchor, compensation, update.
+            state.points[index + 1] = self._shifted_point(plan, state, index, x, raw_x0, like)
         if c.corrector is not None:
             if state.anchor is None:
                 raise ValueError("this step needs the anchor sample of an earlier step, and there is none")
-            c_a, corr = self.base.local_corrector(torch, c.corrector.order, lam[1:], alpha[1:], sigma[1:])
-            x = combine([(c_a, state.anchor), *zip(corr, history)])
+            points = self._points(plan, state, index, c, like)[1:]  # the corrected update ends at the current point
+            lam, alpha, sigma = ([getattr(p, f) for p in points] for f in ("lam", "alpha", "sigma"))
+            c_a, corr = self.base.local_corrector(torch, c.corrector.order, lam, alpha, sigma)
+            x = _per_sample_sum([(c_a, state.anchor), *zip(corr, state.history[::-1])])
         if c.save_anchor:
             state.anchor = x
-        if c.compensation:
-            weights = self.base.local_compensation(torch, index, time[1 : 1 + len(c.compensation)])
-            state.history[-1] = history[0] = combine(list(zip(weights, history)))
+        return c, x
+
+    def _shifted_point(
+        self,
+        plan: TimeShiftPlan,
+        state: TimeShiftState,
+        index: int,
+        x: torch.Tensor,
+        x0: torch.Tensor,
+        like: torch.Tensor,
+    ) -> _Point:
+        """The paper's rule: the candidate whose noise level best matches the sample's variance."""
+        current = self._point(plan, state, index, like)
+        table = plan.device_windows(x.device)[index]
+        if self.variance_source == "x":
+            source = x
+        else:  # the noise prediction ε̂ = (x − α x̂0)/σ
+            view = (-1,) + (1,) * (x.ndim - 1)
+            source = (x - current.alpha.to(x.dtype).view(view) * x0) / current.sigma.to(x.dtype).view(view)
+        v = torch.var(source.flatten(1), dim=1).to(like.dtype)
+        dist = (v[:, None] - table["target_variance"][None, :]).abs()
+        # Only candidates strictly less noisy than the sample's current point keep its grid monotone.
+        dist = dist.masked_fill(table["lam"][None, :] <= current.lam[:, None], math.inf)
+        pick = dist.argmin(dim=1)
+        return _Point(*(table[k][pick] for k in ("lam", "alpha", "sigma", "timesteps", "time")))
+
+    def advance(
+        self,
+        plan: SolverPlan,
+        state: SolverState,
+        index: int,
+        c: LinearStep,
+        x: torch.Tensor,
+        noise: torch.Tensor | None = None,
+        compensation: Sequence[float | torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Compensate (DC-Solver) and update, per sample, with the coefficients of the sample's own points."""
+        plan, state = self._own(plan, state)
+        if not plan.per_sample[index]:
+            return self.base.advance(plan.base, state, index, c, x, noise, compensation)
+        like = torch.zeros(x.shape[0], dtype=_table_dtype(x.device), device=x.device)
+        points = self._points(plan, state, index, c, like)
+        lam, alpha, sigma, time = ([getattr(p, f) for p in points] for f in ("lam", "alpha", "sigma", "time"))
+        history = state.history[::-1]  # newest first
+        if compensation is not None or c.compensation:
+            weights = (
+                tuple(compensation)
+                if compensation is not None
+                else self.base.local_compensation(torch, index, time[1 : 1 + len(c.compensation)])
+            )
+            if weights:
+                state.history[-1] = history[0] = _per_sample_sum(list(zip(weights, history)))
         c_x, coefs, c_z = self.base.local_coefficients(torch, c.order, lam, alpha, sigma)
-        out = combine([(c_x, x), *zip(coefs, history)])
+        out = _per_sample_sum([(c_x, x), *zip(coefs, history)])
         if c.noise != 0.0:
             if noise is None:
                 raise ValueError(f"step {index} of {self.name} is stochastic and needs a noise tensor")
-            out.addcmul_(noise.to(work), c_z.to(work).view(view))
+            out = out + noise.to(out.dtype) * _per_sample(c_z, out)
         for j in [j for j in state.points if j < index + 2 - plan.history_size]:
             del state.points[j]  # no longer reachable by any update
         return out
+
+
+def _per_sample(w: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A weight (host float, scalar or per-sample tensor) shaped to broadcast over ``like``'s samples."""
+    w = torch.as_tensor(w, device=like.device)
+    return w.to(like.dtype).reshape((-1,) + (1,) * (like.ndim - 1))
+
+
+def _per_sample_sum(terms: list[tuple[float | torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Σ w·t with per-sample weights w (float64 on the device), in the tensors' dtype (a new tensor)."""
+    (w0, t0), *rest = terms
+    out = t0 * _per_sample(w0, t0)
+    for w, t in rest:
+        out = out + t * _per_sample(w, t)
+    return out
 
 
 def _table_dtype(device: torch.device) -> torch.dtype:

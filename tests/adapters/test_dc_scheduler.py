@@ -9,11 +9,11 @@ import torch
 from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler, UniPCMultistepScheduler
 
 from diffsamplers import DCSolver, DCSolverScheduler, Denoiser, DPMSolverPlusPlus, UniPC, sample
-from diffsamplers.dc.cpr import CascadePolynomialRegression
-from diffsamplers.dc.ratios import DCRatios, RatioMismatchError, schedule_description, solver_settings
 from diffsamplers.diagnostics import HostReadCounter
 from diffsamplers.noise import noise_process_from_config
 from diffsamplers.schedules.diffusers_compat import schedule_from_scheduler_config
+from diffsamplers.solvers.dc_cpr import CascadePolynomialRegression
+from diffsamplers.solvers.dc_ratios import DCRatios, RatioMismatchError, schedule_description, solver_settings
 from tests.helpers import SMOOTH_MIXTURE, scheduler_loop
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -243,7 +243,7 @@ def test_nan_model_output_names_the_step():
     sched = DPMSolverPlusPlusScheduler()
     sched.set_timesteps(6)
     x = torch.randn(1, 3, 4, 4)
-    with pytest.raises(NonFiniteError, match=r"step 3 of 6 \(timestep 666"):
+    with pytest.raises(NonFiniteError, match=r"step 3 of 6 \(evaluation index 2, sigma=9.48892, timestep=666\)"):
         for i, t in enumerate(sched.timesteps):
             out = torch.full_like(x, float("nan")) if i == 2 else 0.1 * x
             x = sched.step(out, t, x).prev_sample

@@ -10,11 +10,12 @@ import torch
 from diffusers import DPMSolverMultistepScheduler, UNet2DModel
 
 from diffsamplers import DPMSolverPlusPlusScheduler
+from diffsamplers.adapters import DigitsPipeline
+from diffsamplers.apps.registry import load_model
+from diffsamplers.apps.samplers import make_sampler
 from diffsamplers.data.digits import load_digits_dataset, to_uint8
-from diffsamplers.evaluation import DigitsFeatures, FeatureStats, frechet_distance
-from diffsamplers.evaluation.sources import load_model_source, make_sampler
+from diffsamplers.metrics import DigitsFeatures, FeatureStats, frechet_distance
 from diffsamplers.models.digits import DIGITS_CLASSIFIER_DIR, DIGITS_PIPELINE_DIR, load_digits, load_digits_classifier
-from diffsamplers.pipelines import DigitsPipeline
 
 #: Guidance used for the class-fidelity check (the `diffsamplers sample` default).
 GUIDANCE = 2.0
@@ -59,7 +60,7 @@ def test_classifier_held_out_accuracy(features):
 
 
 def test_samples_are_of_the_requested_class(features):
-    source = load_model_source("digits")
+    source = load_model("digits")
     images, labels = make_sampler(source, "dpm++2m", 20, guidance_scale=GUIDANCE, seed=1)(range(200))
     accuracy = float((features.classify(features(images)) == labels).float().mean())
     assert accuracy >= 0.90, accuracy
@@ -69,7 +70,7 @@ def test_fd_digits_of_1000_samples_is_within_bound_of_held_out_data(features, re
     held_images, _ = load_digits_dataset("test")
     held = FeatureStats(features.dim).update(features(to_uint8(held_images)))
     held_fd = frechet_distance(held.mu, held.sigma, reference.mu, reference.sigma)
-    source = load_model_source("digits")
+    source = load_model("digits")
     images, _ = make_sampler(source, "dpm++2m", 20, guidance_scale=1.0, seed=2)(range(1000))
     stats = FeatureStats(features.dim).update(features(images))
     model_fd = frechet_distance(stats.mu, stats.sigma, reference.mu, reference.sigma)

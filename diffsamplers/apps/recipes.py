@@ -1,0 +1,345 @@
+"""The recipe parser: solver and schedule specs, as the command line, the jobs and the scripts write them.
+
+Solver specs — ``NAME[:OPTIONS][+ts[:OPTIONS]]``:
+
+* a registered solver (:data:`SOLVERS`: ``ddim``, ``dpm++2m``, ``unipc``, …), with optional keyword options of
+  its class, e.g. ``ddim:eta=0.5`` or ``unipc:order=3,variant=bh1``;
+* ``dc-solver`` — DC-Solver with the ratios predicted by the cascade polynomial regression shipped in the model's
+  folder (``dc_solver_cpr.safetensors``); ``dc-solver:PATH`` — ratios or a CPR fit from a file;
+  ``dc-solver:search`` — ratios searched for the schedule at hand (the paper's search, on separate noises);
+* ``diffusers:SchedulerClass[:config=value,…]`` — one of diffusers' own schedulers, run the way pipelines run it;
+* ``+ts[:half_width=…,cutoff=…]`` after any of ours — the exposure-bias time shift around it.
+
+Schedule specs — ``NAME[:OPTIONS][/FINAL]``: diffusers' ``linspace``, ``leading``, ``trailing``;
+``uniform_time`` (``time``), ``uniform_logsnr`` (``logsnr``), ``karras[:rho=7]``, ``exponential``,
+``beta[:a=0.6,b=0.6]``; ``ays:MODEL`` (a published Align Your Steps schedule: sd15, sdxl, svd, deepfloyd_if);
+``learned:PATH`` or a ``.safetensors`` path (a learned schedule); ``sigmas:s0,s1,…`` (explicit levels). ``FINAL``
+names the last level: ``zero``, ``sigma_min``, ``append_zero`` (and AYS's ``replace``, ``append``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..schedules.align_your_steps import align_your_steps
+from ..schedules.learned import LearnedSchedule
+from ..schedules.schedule import FINAL_CONVENTIONS, Schedule
+from ..schedules.spacing import build_schedule, from_sigmas
+from ..solvers.base import Solver
+from ..solvers.dc_cpr import load_ratio_source
+from ..solvers.dc_ratios import DCRatios
+from ..solvers.dc_solver import DCSolver
+from ..solvers.ddim import DDIM
+from ..solvers.dpm_solver_pp import DPMSolverPlusPlus
+from ..solvers.dpm_solver_pp_singlestep import DPMSolverPlusPlusSinglestep
+from ..solvers.euler import Euler
+from ..solvers.exposure_bias_time_shift import ExposureBiasTimeShift
+from ..solvers.unipc import UniPC
+
+__all__ = [
+    "CPR_FILE",
+    "DC_SOLVER",
+    "OutsideFitError",
+    "SCHEDULES",
+    "SOLVERS",
+    "ScheduleRecipe",
+    "SolverRecipe",
+    "describe_schedules",
+    "describe_solvers",
+    "make_solver",
+    "parse_schedule",
+    "parse_solver",
+    "register_solver",
+]
+
+#: Registered solvers: name → factory taking the spec's keyword options.
+SOLVERS: dict[str, Callable[..., Solver]] = {
+    "ddim": DDIM,
+    "ddim-eta1": lambda **kw: DDIM(**{"eta": 1.0, **kw}),
+    "euler": Euler,
+    "dpm++1": lambda **kw: DPMSolverPlusPlus(1, **kw),
+    "dpm++2m": lambda **kw: DPMSolverPlusPlus(2, **kw),
+    "dpm++3m": lambda **kw: DPMSolverPlusPlus(3, **kw),
+    "dpm++2s": lambda **kw: DPMSolverPlusPlusSinglestep(2, **kw),
+    "dpm++3s": lambda **kw: DPMSolverPlusPlusSinglestep(3, **kw),
+    "sde-dpm++2m": lambda **kw: DPMSolverPlusPlus(2, **{"sde": True, **kw}),
+    "unipc": lambda **kw: UniPC(**{"order": 2, "variant": "bh2", **kw}),
+    "unipc-bh1": lambda **kw: UniPC(**{"order": 2, "variant": "bh1", **kw}),
+    "unipc3": lambda **kw: UniPC(**{"order": 3, "variant": "bh2", **kw}),
+}
+
+#: DC-Solver's name in specs.
+DC_SOLVER = "dc-solver"
+#: Where a model folder ships the cascade polynomial regression that ``dc-solver`` uses.
+CPR_FILE = "dc_solver_cpr.safetensors"
+_DIFFUSERS = "diffusers:"
+_TIME_SHIFT = "+ts"
+
+#: Schedule names: builders of :mod:`diffsamplers.schedules.spacing` and their short aliases.
+SCHEDULES = {
+    "linspace": "linspace",
+    "leading": "leading",
+    "trailing": "trailing",
+    "uniform_time": "uniform_time",
+    "time": "uniform_time",
+    "uniform_logsnr": "uniform_logsnr",
+    "logsnr": "uniform_logsnr",
+    "karras": "karras",
+    "exponential": "exponential",
+    "beta": "beta",
+}
+_FINALS = (*FINAL_CONVENTIONS, "replace", "append")
+
+
+class OutsideFitError(ValueError):
+    """DC-Solver ratios asked of a cascade polynomial regression outside the NFE range it was fitted on."""
+
+
+def register_solver(name: str, factory: Callable[..., Solver]) -> None:
+    """Make the spec ``name[:options]`` build ``factory(**options)``."""
+    SOLVERS[name] = factory
+
+
+def describe_solvers() -> str:
+    """The solver specs, for help texts and errors."""
+    return f"{', '.join(SOLVERS)}, {DC_SOLVER}[:PATH|:search], {_DIFFUSERS}SchedulerClass; any of ours +ts[:options]"
+
+
+def describe_schedules() -> str:
+    """The schedule specs, for help texts and errors."""
+    return f"{', '.join(SCHEDULES)}, ays:MODEL, learned:PATH, sigmas:s0,s1,…; optional /FINAL ({', '.join(_FINALS)})"
+
+
+def _value(text: str) -> Any:
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low == "none":
+        return None
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _options(text: str, spec: str) -> dict[str, Any]:
+    """``k=v,k2=v2`` as a dict of typed values."""
+    out: dict[str, Any] = {}
+    for part in filter(None, text.split(",")):
+        key, eq, value = part.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"{spec!r}: options must be key=value pairs separated by commas, got {part!r}")
+        out[key.strip()] = _value(value.strip())
+    return out
+
+
+# -- solvers ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SolverRecipe:
+    """A parsed solver spec. :meth:`build` makes the solver; DC-Solver's ratios may need the model, the
+    schedule or a ratio search, which the caller passes there."""
+
+    spec: str
+    name: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+    ratios: str | None = None  # dc-solver: None (the model's CPR), "search" or a file path
+    time_shift: Mapping[str, Any] | None = None
+    scheduler_class: str | None = None  # diffusers:<class>
+
+    @property
+    def is_diffusers(self) -> bool:
+        return self.scheduler_class is not None
+
+    @property
+    def searches_ratios(self) -> bool:
+        return self.name == DC_SOLVER and self.ratios == "search"
+
+    def build(
+        self,
+        *,
+        nfe: int | None = None,
+        guidance_scale: float = 1.0,
+        folder: Path | None = None,
+        search: Callable[[DCSolver], list[float] | None] | None = None,
+    ) -> Solver:
+        """The solver. ``nfe`` and ``guidance_scale`` select DC-Solver's ratios from a CPR fit (the one in the
+        model ``folder`` for plain ``dc-solver``); ``search(solver)`` returns the ratios for ``dc-solver:search``
+        (``None``: the solver without ratios, for a caller that searches them itself)."""
+        if self.is_diffusers:
+            raise ValueError(f"{self.spec!r} is a diffusers scheduler: run it with a diffusers loop, not as a solver")
+        solver = self._dc_solver(nfe, guidance_scale, folder, search) if self.name == DC_SOLVER else self._registered()
+        if self.time_shift is not None:
+            solver = _construct(lambda **kw: ExposureBiasTimeShift(solver, **kw), self.time_shift, self.spec)
+        return solver
+
+    def _registered(self) -> Solver:
+        return _construct(SOLVERS[self.name], self.options, self.spec)
+
+    def _dc_solver(
+        self,
+        nfe: int | None,
+        guidance_scale: float,
+        folder: Path | None,
+        search: Callable[[DCSolver], list[float] | None] | None,
+    ) -> DCSolver:
+        solver = _construct(DCSolver, self.options, self.spec)
+        if self.ratios == "search":
+            if search is None:
+                raise ValueError(f"{self.spec!r} searches its ratios for the schedule: this job cannot run a search")
+            return solver.with_ratios(search(solver))
+        if self.ratios is None:
+            if folder is None:
+                raise ValueError(
+                    f"{self.spec!r} takes its ratios from the model folder's {CPR_FILE}; this model has no folder: "
+                    f"pass {DC_SOLVER}:PATH or {DC_SOLVER}:search"
+                )
+            file = Path(folder) / CPR_FILE
+        else:
+            file = Path(self.ratios)
+        return solver.with_ratios(dc_ratios_from_file(file, nfe, guidance_scale))
+
+
+def _construct(factory: Callable[..., Any], options: Mapping[str, Any], spec: str) -> Any:
+    try:
+        return factory(**options)
+    except TypeError as err:
+        raise ValueError(f"{spec!r}: bad option ({err})") from None
+
+
+def dc_ratios_from_file(file: Path, nfe: int | None, guidance_scale: float) -> list[float]:
+    """DC-Solver ratios from a searched ratio file (checked against ``nfe``) or a CPR fit (predicted for
+    ``nfe`` and ``guidance_scale`` inside the NFE range it was fitted on)."""
+    source = load_ratio_source(file)
+    if isinstance(source, DCRatios):
+        if nfe is not None:
+            source.check(nfe=nfe, source=str(file))
+        return list(source.ratios)
+    if nfe is None:
+        raise ValueError(f"{file} is a CPR fit: its ratios need the number of steps")
+    fitted = source.nfe_range
+    if fitted is not None and not fitted[0] <= nfe <= fitted[1]:
+        raise OutsideFitError(
+            f"the CPR in {file} was fitted on NFE {fitted[0]}–{fitted[1]}; its polynomial in the NFE is not trusted "
+            f"at {nfe} steps: search ratios for {nfe} steps (scripts/search_dc_ratios.py)"
+        )
+    return source.predict(nfe, guidance_scale)
+
+
+def parse_solver(spec: str) -> SolverRecipe:
+    """Parse a solver spec (module docstring); ``ValueError`` names the spec and lists what exists."""
+    text = str(spec).strip()
+    if text.startswith(_DIFFUSERS):
+        cls, _, opts = text[len(_DIFFUSERS) :].partition(":")
+        if not cls:
+            raise ValueError(
+                f"unknown solver {spec!r}: {_DIFFUSERS} needs a scheduler class, e.g. {_DIFFUSERS}DDIMScheduler"
+            )
+        return SolverRecipe(text, "diffusers", _options(opts, text), scheduler_class=cls)
+    base, ts, ts_opts = text.partition(_TIME_SHIFT)
+    if ts and ts_opts and not ts_opts.startswith(":"):
+        raise ValueError(f"unknown solver {spec!r}: the time shift is written +ts or +ts:half_width=…,cutoff=…")
+    time_shift = _options(ts_opts[1:], text) if ts else None
+    name, _, arg = base.partition(":")
+    if name == DC_SOLVER:
+        if arg and "=" not in arg:
+            return SolverRecipe(text, name, ratios=arg, time_shift=time_shift)
+        return SolverRecipe(text, name, _options(arg, text), time_shift=time_shift)
+    if name not in SOLVERS:
+        raise ValueError(f"unknown solver {spec!r}: expected {describe_solvers()}")
+    return SolverRecipe(text, name, _options(arg, text), time_shift=time_shift)
+
+
+def make_solver(spec: str) -> Solver:
+    """A solver from a spec that needs nothing else (not plain ``dc-solver``, which needs a model's CPR)."""
+    return parse_solver(spec).build()
+
+
+# -- schedules --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ScheduleRecipe:
+    """A parsed schedule spec; :meth:`build` makes the schedule for a noise process and a number of steps."""
+
+    spec: str
+    kind: str  # a spacing of SCHEDULES, "ays", "learned" or "sigmas"
+    arg: str | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+    final: str | None = None
+
+    @property
+    def diffusers_spacing(self) -> str | None:
+        """diffusers' ``timestep_spacing`` this spec names, if it is one."""
+        return self.kind if self.kind in ("linspace", "leading", "trailing") else None
+
+    def build(self, process: Any, steps: int | None) -> Schedule:
+        if self.kind == "sigmas":
+            return from_sigmas(process, [float(v) for v in str(self.arg).split(",")])
+        if steps is None:
+            raise ValueError(f"schedule {self.spec!r} needs a number of steps")
+        if self.kind == "ays":
+            return align_your_steps(
+                str(self.arg), steps, final=self.final or "replace", process=process, **self.options
+            )
+        if self.kind == "learned":
+            path = Path(str(self.arg))
+            if not path.is_file():
+                raise FileNotFoundError(f"schedule {self.spec!r}: no learned schedule file {path}")
+            return LearnedSchedule.load(path).schedule(steps, final=self.final or "replace", process=process)
+        if self.final in ("replace", "append"):
+            raise ValueError(f"schedule {self.spec!r}: /{self.final} is for ays: and learned: schedules")
+        if self.options:
+            from ..schedules.spacing import SPACINGS
+
+            kwargs = dict(self.options)
+            if self.final is not None:
+                kwargs["final"] = self.final
+            builder = SPACINGS.get(self.kind)
+            if builder is None:
+                raise ValueError(f"schedule {self.spec!r}: {self.kind} takes no options")
+            return _construct(lambda **kw: builder(process, steps, **kw), kwargs, self.spec)
+        return build_schedule(process, steps, self.kind, self.final)  # type: ignore[arg-type]
+
+
+def parse_schedule(spec: str) -> ScheduleRecipe:
+    """Parse a schedule spec (module docstring); ``ValueError`` names the spec and lists what exists."""
+    text = str(spec).strip()
+    head, slash, tail = text.rpartition("/")
+    is_path = text.startswith("learned:") or text.endswith(".safetensors")
+    if slash and tail in _FINALS:
+        body, final_or_none = head, tail
+    elif slash and not is_path:
+        raise ValueError(f"unknown final level {tail!r} in schedule {spec!r}: expected one of {_FINALS}")
+    else:
+        body, final_or_none = text, None
+    if body.endswith(".safetensors") or body.startswith("learned:"):
+        path = body[len("learned:") :] if body.startswith("learned:") else body
+        return ScheduleRecipe(text, "learned", path, final=final_or_none)
+    name, _, arg = body.partition(":")
+    if name == "ays":
+        model, _, opts = arg.partition(",")
+        if not model:
+            raise ValueError(f"schedule {spec!r}: ays needs a model, e.g. ays:sd15")
+        return ScheduleRecipe(text, "ays", model, _options(opts, text), final_or_none)
+    if name == "sigmas":
+        values = [v for v in arg.split(",") if v]
+        try:
+            levels = [float(v) for v in values]
+        except ValueError:
+            raise ValueError(f"schedule {spec!r}: sigmas: takes numbers separated by commas") from None
+        if len(levels) < 2 or not all(math.isfinite(v) for v in levels):
+            raise ValueError(f"schedule {spec!r}: sigmas: needs at least two finite levels (the last is the final one)")
+        return ScheduleRecipe(text, "sigmas", ",".join(repr(v) for v in np.asarray(levels)), final=final_or_none)
+    if name not in SCHEDULES:
+        raise ValueError(f"unknown schedule {spec!r}: expected {describe_schedules()}")
+    return ScheduleRecipe(text, SCHEDULES[name], options=_options(arg, text), final=final_or_none)

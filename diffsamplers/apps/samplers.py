@@ -1,0 +1,127 @@
+"""Samplers for the jobs: a model, a solver spec and a schedule spec turned into a function from sample indices to
+images, deterministic per index.
+
+A solver spec is parsed by :mod:`diffsamplers.apps.recipes`: one of ours on the schedule the spec names, or one
+of diffusers' schedulers (``diffusers:SchedulerClass``) run by :func:`run_diffusers_scheduler`, the loop diffusers'
+pipelines run. Every sample index has its own seed (:func:`diffsamplers.metrics.shards.sample_seed`), so the images
+of an index never depend on the batch, the process or the sampler family: both families draw x_T from the same
+per-index generators.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from ..data.digits import to_uint8
+from ..metrics.shards import sample_seed
+from ..rng import NoiseSource
+from ..sampling import initial_noise, sample
+from .recipes import SolverRecipe, parse_schedule, parse_solver
+from .registry import ModelBundle
+
+__all__ = ["Sampler", "make_sampler", "diffusers_scheduler", "run_diffusers_scheduler"]
+
+#: indices → (uint8 images, labels or None)
+Sampler = Callable[[Sequence[int]], tuple[torch.Tensor, torch.Tensor | None]]
+Cond = Mapping[str, Any] | None
+
+
+def diffusers_scheduler(recipe: SolverRecipe, bundle: ModelBundle, schedule: str | None = None) -> Any:
+    """The diffusers scheduler a ``diffusers:Class[:options]`` spec names, built from the model's scheduler
+    config (the spec's options override it; a diffusers spacing named by ``schedule`` sets
+    ``timestep_spacing``)."""
+    import diffusers
+
+    cls = getattr(diffusers, str(recipe.scheduler_class), None)
+    if cls is None or not hasattr(cls, "from_config"):
+        raise ValueError(f"unknown diffusers scheduler {recipe.scheduler_class!r} in solver {recipe.spec!r}")
+    if bundle.scheduler_config is None:
+        raise ValueError(f"{recipe.spec!r} needs a model with a diffusers scheduler config; {bundle.name!r} has none")
+    overrides = dict(recipe.options)
+    spacing = parse_schedule(schedule).diffusers_spacing if schedule else None
+    if spacing and "timestep_spacing" not in overrides:
+        overrides["timestep_spacing"] = spacing
+    return cls.from_config(bundle.scheduler_config, **overrides)
+
+
+def run_diffusers_scheduler(
+    scheduler: Any,
+    network: Callable[..., Any],
+    steps: int,
+    x_T: torch.Tensor,
+    cond: Cond = None,
+    uncond: Cond = None,
+    guidance_scale: float = 1.0,
+) -> torch.Tensor:
+    """A diffusers scheduler's loop as its pipelines run it: x_T (unit variance) times ``init_noise_sigma``,
+    ``scale_model_input``, the network (with classifier-free guidance in one batched call), ``step``."""
+    scheduler.set_timesteps(steps, device=x_T.device)
+    x = x_T * scheduler.init_noise_sigma
+    guided = uncond is not None and guidance_scale != 1.0
+    for t in scheduler.timesteps:
+        x_in = scheduler.scale_model_input(x, t)
+        if guided:
+            kwargs = {k: torch.cat([uncond[k].expand_as(cond[k]), cond[k]]) for k in cond}  # type: ignore[index]
+            out_u, out_c = network(torch.cat([x_in, x_in]), t, **kwargs).sample.chunk(2)
+            out = out_u + guidance_scale * (out_c - out_u)
+        else:
+            out = network(x_in, t, **(cond or {})).sample
+        x = scheduler.step(out, t, x).prev_sample
+    return x
+
+
+def make_sampler(
+    bundle: ModelBundle,
+    solver: str,
+    steps: int,
+    schedule: str = "linspace",
+    guidance_scale: float = 1.0,
+    seed: int = 0,
+    classes: Sequence[int] | None = None,
+    batch_size: int = 256,
+) -> Sampler:
+    """A function from sample indices to (uint8 images, labels), deterministic per index; the labels cycle
+    through ``classes`` (all classes by default) for a class-conditional model."""
+    recipe = parse_solver(solver)
+    device, process, shape = bundle.device, bundle.process, bundle.sample_shape
+    if recipe.is_diffusers:
+        scheduler = diffusers_scheduler(recipe, bundle, schedule)
+
+        def run(noise: NoiseSource, n: int, cond: Cond, uncond: Cond) -> torch.Tensor:
+            # diffusers' pipelines draw unit noise and scale it by the scheduler's init_noise_sigma themselves
+            x = noise.draw(0, n, shape, device, torch.float32)
+            return run_diffusers_scheduler(scheduler, bundle.denoiser.model, steps, x, cond, uncond, guidance_scale)
+
+    else:
+        sched = parse_schedule(schedule).build(process, steps)
+        built = recipe.build(nfe=steps, guidance_scale=guidance_scale, folder=bundle.folder)
+
+        def run(noise: NoiseSource, n: int, cond: Cond, uncond: Cond) -> torch.Tensor:
+            x_T = initial_noise(process, sched.sigmas[0], (n, *shape), noise, device=device)
+            return sample(
+                bundle.denoiser,
+                built,
+                sched,
+                x_T=x_T,
+                cond=cond,
+                uncond=uncond,
+                guidance_scale=guidance_scale,
+                progress=False,
+            )
+
+    def sampler(indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        indices = list(indices)
+        labels = bundle.labels_for(indices, classes)
+        chunks = []
+        for start in range(0, len(indices), batch_size):
+            part = indices[start : start + batch_size]
+            part_labels = None if labels is None else labels[start : start + len(part)]
+            cond, uncond = bundle.conditions(part_labels, guidance_scale)
+            noise = NoiseSource(seeds=[sample_seed(seed, i) for i in part])
+            chunks.append(run(noise, len(part), cond, uncond).detach().cpu())
+        return to_uint8(torch.cat(chunks)), labels
+
+    return sampler

@@ -1,0 +1,129 @@
+"""The schedule-optimisation job behind ``diffsamplers schedule optimize`` and ``scripts/optimize_schedule.py``.
+
+For a model of the registry and a solver spec: held-out initial noise and its reference samples, the solver's
+error against them as the early-stopping metric, then :func:`~diffsamplers.tuning.ays_optimizer.optimize_schedule`
+with a checkpoint next to the output, and the learned schedule saved (and plotted). ``dc-solver:search`` stops on
+DC-Solver's own error with its ratios searched afresh for every candidate schedule
+(:class:`~diffsamplers.tuning.dc_schedule_metric.SearchedDCErrorMetric`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..reference import REFERENCE_STEPS
+from ..schedules.learned import LearnedSchedule
+from ..schedules.spacing import karras, uniform_logsnr, uniform_time
+from ..tuning.ays_optimizer import AYSSettings, optimize_schedule
+from ..tuning.dc_schedule_metric import SearchedDCErrorMetric
+from ..tuning.dc_search import PAPER_DATAPOINTS
+from ..tuning.solver_error import SolverErrorMetric
+from .evaluation import validation_set
+from .recipes import parse_solver
+from .registry import ModelBundle, load_model
+
+__all__ = ["StoppingRule", "optimize_for_model"]
+
+
+@dataclass(frozen=True)
+class StoppingRule:
+    """The first stage's early-stopping signal: ``solver``'s error on ``metric_samples`` held-out noises (seed
+    ``metric_seed``) against their reference; ``dc-solver:search`` searches ratios on ``search_samples`` others."""
+
+    solver: str = "dpm++2m"
+    metric_samples: int = 256
+    metric_seed: int = 1_000_003
+    reference_steps: int = REFERENCE_STEPS
+    search_samples: int = PAPER_DATAPOINTS
+
+
+def stopping_metric(bundle: ModelBundle, rule: StoppingRule, device: str) -> SolverErrorMetric:
+    """The solver's RMS error as a function of the schedule's levels (see :class:`StoppingRule`)."""
+    if rule.reference_steps <= 0:
+        raise ValueError("the early-stopping metric needs a reference: reference_steps must be > 0")
+    held_out = validation_set(
+        bundle, rule.metric_samples, rule.metric_seed, device=device, reference_steps=rule.reference_steps
+    )
+    assert held_out.reference is not None
+    recipe = parse_solver(rule.solver)
+    if recipe.searches_ratios:
+        search = bundle.draw(rule.search_samples, rule.metric_seed + 7, device=device)
+        return SearchedDCErrorMetric(
+            bundle.denoiser,
+            recipe.build(search=lambda _solver: None),  # the metric searches the ratios for every schedule
+            held_out.x_T,
+            held_out.reference,
+            search.x_T,
+            model_id=bundle.name,
+            cond_search=search.cond,
+            reference_steps=rule.reference_steps,
+            cond=held_out.cond,
+        )
+    solver = recipe.build(nfe=None, folder=bundle.folder)
+    return SolverErrorMetric(bundle.denoiser, solver, held_out.x_T, held_out.reference, cond=held_out.cond)
+
+
+def optimize_for_model(
+    model: str,
+    nfe: int,
+    out: str | Path,
+    settings: AYSSettings | None = None,
+    rule: StoppingRule | None = None,
+    *,
+    checkpoint: str | Path | None = None,
+    resume: bool = True,
+    plot: str | Path | None = None,
+    data: str | None = None,
+    device: str | None = None,
+    log: Callable[[str], Any] | None = print,
+) -> LearnedSchedule:
+    """Optimise a schedule for ``model`` whose first stage has ``nfe`` steps (unless ``settings`` says otherwise),
+    stopping on ``rule``; save it to ``out`` (safetensors, with a checkpoint beside it) and optionally plot it."""
+    bundle = load_model(model, device=device, data=data or None)
+    if bundle.data is None:
+        raise ValueError(f"model {model!r} has no data: pass data= (a tensor file or 'sklearn-digits')")
+    settings = settings or AYSSettings(num_steps=nfe)
+    rule = rule or StoppingRule()
+    run_device = device or "cpu"
+    metric = stopping_metric(bundle, rule, run_device)
+    out = Path(out)
+    describe = {
+        "model": model,
+        "solver": rule.solver,
+        "nfe": int(nfe),
+        "seed": settings.seed,
+        "metric_samples": rule.metric_samples,
+        **({"search_samples": rule.search_samples} if isinstance(metric, SearchedDCErrorMetric) else {}),
+    }
+    learned = optimize_schedule(
+        bundle.denoiser,
+        bundle.data,
+        settings,
+        metric=metric,
+        checkpoint=checkpoint or out.with_name(out.stem + ".checkpoint.safetensors"),
+        resume=resume,
+        describe=describe,
+        device=run_device,
+        log=log,
+    )
+    learned.metadata["metric"] = f"RMS error of {rule.solver} vs the {rule.reference_steps}-step reference"
+    learned.save(out)
+    if plot:
+        _plot(bundle, learned, settings.num_steps, plot, model)
+    return learned
+
+
+def _plot(bundle: ModelBundle, learned: LearnedSchedule, n: int, path: str | Path, model: str) -> None:
+    from .plots import plot_schedules
+
+    process = bundle.process
+    baselines = {
+        "uniform time": uniform_time(process, n, final="sigma_min").sigmas,
+        "uniform logSNR": uniform_logsnr(process, n, final="sigma_min").sigmas,
+        "Karras ρ=7": karras(process, n, final="sigma_min").sigmas,
+    }
+    stages = {"AYS learned" + (f", stage {i + 1}" if i else ""): v for i, v in enumerate(learned.stages.values())}
+    plot_schedules(path, {**stages, **baselines}, learned.metadata["klub_history"], f"AYS learned: {model}")

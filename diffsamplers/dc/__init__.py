@@ -1,1 +1,0 @@
-"""DC-Solver's learned parts: ratio search, ratio files, cascade polynomial regression, evaluation."""

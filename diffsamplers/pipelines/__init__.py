@@ -1,5 +1,0 @@
-"""diffusers pipelines for the bundled models."""
-
-from .digits_pipeline import DigitsPipeline
-
-__all__ = ["DigitsPipeline"]
