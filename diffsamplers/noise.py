@@ -229,6 +229,11 @@ class DiscreteVP(NoiseProcess):
     def num_train_timesteps(self) -> int:
         return int(self.alphas_cumprod.size)
 
+    @property
+    def lambdas(self) -> np.ndarray:
+        """λ at the training timesteps 0 … N − 1 (decreasing; a copy)."""
+        return self._lambdas.copy()
+
     @classmethod
     def from_betas(cls, betas: Any) -> DiscreteVP:
         import torch

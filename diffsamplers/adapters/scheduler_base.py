@@ -259,7 +259,7 @@ class SolverScheduler(SchedulerMixin):
         table = self._tables.get(device)
         if table is None:
             assert isinstance(self.process, DiscreteVP)
-            table = _MarginalTable(torch.as_tensor(self.process._lambdas, dtype=torch.float32).to(device))
+            table = _MarginalTable(torch.as_tensor(self.process.lambdas, dtype=torch.float32).to(device))
             self._tables[device] = table
         return table
 

@@ -194,7 +194,7 @@ def diffusers_spacing(
     n = check_num_steps(num_steps, process, extra_levels=int(final == "sigma_min"))
     big_n = process.num_train_timesteps
     # diffusers: clip the start of the schedule where λ < lambda_min_clipped (critical for cosine schedules).
-    clipped_idx = int(np.searchsorted(process._lambdas[::-1], lambda_min_clipped))
+    clipped_idx = int(np.searchsorted(process.lambdas[::-1], lambda_min_clipped))
     last_t = big_n - clipped_idx
     if spacing == "linspace":
         ts = np.linspace(0, last_t - 1, n + 1).round()[::-1][:-1]

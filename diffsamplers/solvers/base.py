@@ -242,7 +242,7 @@ class Solver(ABC):
 
     def _make_plan(self, process: NoiseProcess, schedule: Schedule) -> SolverPlan:
         schedule.check_range(process)
-        eval_sigmas, steps, history_size = self._coefficients(process, schedule.sigmas)
+        eval_sigmas, steps, history_size = self.coefficients(process, schedule.sigmas)
         sigmas = np.concatenate([eval_sigmas, schedule.sigmas[-1:]])
         if np.array_equal(eval_sigmas, schedule.sigmas[:-1]):
             timesteps = schedule.model_timesteps(process)
@@ -253,7 +253,7 @@ class Solver(ABC):
         return SolverPlan(process, sigmas, alpha, sigma, np.asarray(timesteps, np.float64), tuple(steps), history_size)
 
     @abstractmethod
-    def _coefficients(self, process: NoiseProcess, sigmas: np.ndarray) -> tuple[np.ndarray, list[LinearStep], int]:
+    def coefficients(self, process: NoiseProcess, sigmas: np.ndarray) -> tuple[np.ndarray, list[LinearStep], int]:
         """(σ̃ at the evaluation points, one :class:`LinearStep` per evaluation, history length)."""
 
     # -- per-sample grids (optional) --------------------------------------------------------------

@@ -115,8 +115,8 @@ class DCSolver(Solver):
         """The same solver with other ratios."""
         return DCSolver(ratios, self.base, self.dc_order)
 
-    def _coefficients(self, process: NoiseProcess, sigmas: np.ndarray) -> tuple[np.ndarray, list[LinearStep], int]:
-        eval_sigmas, steps, history_size = self.base._coefficients(process, sigmas)
+    def coefficients(self, process: NoiseProcess, sigmas: np.ndarray) -> tuple[np.ndarray, list[LinearStep], int]:
+        eval_sigmas, steps, history_size = self.base.coefficients(process, sigmas)
         if any(s.anchor != 0.0 and s.corrector is None for s in steps):
             raise ValueError(
                 f"dynamic compensation needs a multistep solver whose stored predictions lie on the schedule's "

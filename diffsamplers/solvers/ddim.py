@@ -39,7 +39,7 @@ class DDIM(Solver):
         c_z = self.eta * sigma[0] * xp.sqrt(-xp.expm1(-2.0 * h))
         return c_x, (alpha[0] - c_x * alpha[1],), c_z
 
-    def _coefficients(self, process: NoiseProcess, sigmas: np.ndarray) -> tuple[np.ndarray, list[LinearStep], int]:
+    def coefficients(self, process: NoiseProcess, sigmas: np.ndarray) -> tuple[np.ndarray, list[LinearStep], int]:
         lam, alpha, sigma = marginals(process, sigmas)
         c_x, (c_0,), c_z = self.local_coefficients(
             np, 1, (lam[1:], lam[:-1]), (alpha[1:], alpha[:-1]), (sigma[1:], sigma[:-1])

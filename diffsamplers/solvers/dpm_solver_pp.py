@@ -154,7 +154,7 @@ class DPMSolverPlusPlus(Solver):
             hist = tuple(f + (a_t * w1) * u + (a_t * w2) * v for f, u, v in zip(first, d1, d2))
             return c_x, hist, noise
 
-    def _coefficients(self, process: NoiseProcess, sigmas: np.ndarray) -> tuple[np.ndarray, list[LinearStep], int]:
+    def coefficients(self, process: NoiseProcess, sigmas: np.ndarray) -> tuple[np.ndarray, list[LinearStep], int]:
         n = sigmas.size - 1
         pts = step_points(*marginals(process, sigmas), depth=3)
         table = {q: self.local_coefficients(np, q, *pts) for q in (1, 2, 3)}

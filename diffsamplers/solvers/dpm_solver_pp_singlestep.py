@@ -51,7 +51,7 @@ class DPMSolverPlusPlusSinglestep(Solver):
         self.order = int(order)
         self.name = f"dpm++{order}s"
 
-    def _coefficients(self, process: NoiseProcess, sigmas: np.ndarray) -> tuple[np.ndarray, list[LinearStep], int]:
+    def coefficients(self, process: NoiseProcess, sigmas: np.ndarray) -> tuple[np.ndarray, list[LinearStep], int]:
         lam, alpha, sigma = marginals(process, sigmas)
         steps: list[LinearStep] = []
         start = 0

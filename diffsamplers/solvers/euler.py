@@ -35,7 +35,7 @@ class Euler(Solver):
         )
         self.name = "euler" if s_churn == 0 else f"euler(churn={s_churn:g})"
 
-    def _coefficients(self, process: NoiseProcess, sigmas: np.ndarray) -> tuple[np.ndarray, list[LinearStep], int]:
+    def coefficients(self, process: NoiseProcess, sigmas: np.ndarray) -> tuple[np.ndarray, list[LinearStep], int]:
         n = sigmas.size - 1
         gamma = np.where(
             (sigmas[:-1] >= self.s_tmin) & (sigmas[:-1] <= self.s_tmax), min(self.s_churn / n, math.sqrt(2) - 1), 0.0

@@ -218,8 +218,8 @@ class ExposureBiasTimeShift(Solver):
         return cls(base, half_width=int(window_size) // 2, cutoff=cutoff, **kwargs)
 
     # -- host side ------------------------------------------------------------------------------
-    def _coefficients(self, process: NoiseProcess, sigmas: np.ndarray) -> tuple[np.ndarray, list[LinearStep], int]:
-        return self.base._coefficients(process, sigmas)
+    def coefficients(self, process: NoiseProcess, sigmas: np.ndarray) -> tuple[np.ndarray, list[LinearStep], int]:
+        return self.base.coefficients(process, sigmas)
 
     def _make_plan(self, process: NoiseProcess, schedule: Schedule) -> TimeShiftPlan:
         base = self.base.plan(process, schedule)

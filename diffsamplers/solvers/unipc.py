@@ -201,7 +201,7 @@ class UniPC(Solver):
         """The UniC corrector of ``order`` (:func:`unipc_local`); its anchor is the previous step's start sample."""
         return unipc_local(xp, order, lam, alpha, sigma, self.variant, corrector=True)
 
-    def _coefficients(self, process: NoiseProcess, sigmas: np.ndarray) -> tuple[np.ndarray, list[LinearStep], int]:
+    def coefficients(self, process: NoiseProcess, sigmas: np.ndarray) -> tuple[np.ndarray, list[LinearStep], int]:
         n = sigmas.size - 1
         orders = self.step_orders(n, float(sigmas[-1]))
         pts = step_points(*marginals(process, sigmas), depth=self.order + 1)
