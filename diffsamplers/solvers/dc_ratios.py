@@ -2,7 +2,7 @@
 
 The metadata says what the ratios were searched for — model, NFE, guidance scale, schedule (noise levels
 and model timesteps), solver settings — and how (search settings, per-step losses). Ratios only make sense
-for that configuration (reference notes §2.7, pitfall 4), so :meth:`DCRatios.check` refuses another NFE,
+for that configuration (the ratios compensate one grid's misalignment), so :meth:`DCRatios.check` refuses another NFE,
 model, guidance scale, schedule or solver with an error naming both values. An interrupted search leaves a
 file marked incomplete (``searched_steps`` < NFE), which the search resumes and sampling refuses.
 """

@@ -14,7 +14,8 @@ t (exposure bias). Theorem 3.1 of the paper: the time that couples best with x̂
 over the training timesteps τ within ``half_width`` steps of the nominal next grid point, only while the
 nominal next timestep exceeds ``cutoff`` and not on the first update (it needs a generated sample).
 
-The official integrations wire the chosen time differently (reference notes §3.2); this module follows
+The official integrations wire the chosen time differently (the DDIM/ADM scripts only re-time the model call,
+the DPM-Solver one moves the grid point); this module follows
 the DPM-Solver integration ("variant C"): t_s *replaces* the next grid point for that sample — the update
 lands there, the network is evaluated there, and later multistep updates use it in their step sizes. The
 base solver provides the update as a function of the points it involves
@@ -35,7 +36,7 @@ base solver's precomputed plan unchanged.
 Options beyond the paper: ``variance_source="epsilon"`` uses the variance of the noise prediction, as the
 official DPM-Solver integration does; ``signal_variance=c`` matches v_b against α_τ² c + σ_τ² — the
 expected variance of a sample whose clean part has per-pixel variance c (the paper's rule is c = 0, which
-biases the choice towards noisier times; reference notes §3.5).
+biases the choice towards noisier times).
 """
 
 from __future__ import annotations

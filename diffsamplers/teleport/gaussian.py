@@ -5,8 +5,8 @@ and its Applications" (TMLR; arXiv:2412.09726; code Animadversio/GaussianTelepor
 noise a trained model's score is close to that of the Gaussian N(μ, Σ) with the data's moments, whose
 probability-flow ODE has a closed-form solution; the first 15–30 % of the steps can be replaced by it.
 
-Closed form for any noise process x_t = α_t x0 + σ_t ε (the paper's Eq. for α = 1 generalised; reference
-notes §4.1): along the exact PF-ODE of N(μ, U diag(λ) Uᵀ + ρ(I − UUᵀ)) the whitened coordinates
+Closed form for any noise process x_t = α_t x0 + σ_t ε (the paper's Eq. for α = 1, generalised
+here): along the exact PF-ODE of N(μ, U diag(λ) Uᵀ + ρ(I − UUᵀ)) the whitened coordinates
 u_kᵀ(x_t − α_t μ)/√(α_t² λ_k + σ_t²) are constant, so from level s to level t
 
     x_t = α_t μ + U diag(√((α_t²λ + σ_t²)/(α_s²λ + σ_s²))) Uᵀ (x_s − α_s μ)

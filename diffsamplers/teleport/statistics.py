@@ -336,7 +336,7 @@ def class_statistics(
     psd: PsdPolicy = "clip",
 ) -> dict[int, GaussianStatistics]:
     """Per-class statistics of labelled data (``(samples, labels)`` or batches with labels), for a
-    class-conditional model (one Gaussian per class: reference notes §4.5)."""
+    class-conditional model (one Gaussian per class, as Wang & Vastola 2024 do for class-conditional models)."""
     accs: dict[int, StatisticsAccumulator] = {}
     for x, cond in iter_batches(data, batch_size):
         if cond is None:

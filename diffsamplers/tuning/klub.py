@@ -16,7 +16,7 @@ w(σ) = (1/(σ² + c²) − 1/(σ_b² + c²))^p (c = 0.5; for N(0, c²I) data E�
 
     KLUB ≈ 2 Z · mean_i ‖ΔD_i‖² / w(σ_i),   Z = ∫_{σ_a}^{σ_b} σ⁻³ w(σ) dσ.
 
-Two corrections to the paper's text (reference notes §5.2): the sampling density and the divisor use the same
+Two corrections to the paper's text: the sampling density and the divisor use the same
 power p (the text squares the weight, Alg. 2 does not; both are unbiased when consistent), and the
 normaliser Z — which depends on the interval, hence on the candidate being compared — is included (Alg. 2
 returns the mean "up to a constant"). Z and the inverse CDF of π are computed by quadrature on a log grid.

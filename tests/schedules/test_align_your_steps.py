@@ -80,7 +80,7 @@ def test_interpolation_semantics():
     twenty = align_your_steps("sd15", 20, final="sigma_min").sigmas
     assert np.allclose(twenty[::2], levels, rtol=1e-13)
     assert np.allclose(twenty[1::2], np.sqrt(levels[:-1] * levels[1:]), rtol=1e-13)
-    # 8 steps, ComfyUI semantics (values derived in the reference notes, §5.4).
+    # 8 steps, ComfyUI semantics: log-linear interpolation of the 11 levels to 9, the last replaced by 0.
     eight = align_your_steps("sd15", 8)
     assert np.allclose(eight.sigmas, [14.615, 5.691, 3.227, 2.060, 1.394, 0.875, 0.509, 0.193, 0.0], atol=6e-4)
     assert ays_timesteps_for_diffusers(eight, SD) == [999, 823, 692, 571, 455, 314, 173, 38]

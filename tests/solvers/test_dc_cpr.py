@@ -7,7 +7,7 @@ from diffsamplers.solvers.dc_cpr import CascadePolynomialRegression
 from diffsamplers.solvers.dc_ratios import DCRatios, RatioMismatchError
 
 # The 36 coefficients the DC-Solver authors fitted for Stable Diffusion 2.1 (dc_solver/cpr_coeffs_path/sd2.1.npy
-# in wl-zhao/DC-Solver), used here only to test the formula against the reference notes' table (§2.4).
+# in wl-zhao/DC-Solver), used here only to test our formula against ratios computed from them independently.
 SD21 = [
     1523.67661966, -1111.47464508, 198.38349618, -1346.08900228, 1007.19494126, -186.25475774,
     168.39730243, -128.03894894, 24.88478975, -8140.64401858, 5906.74827912, -1035.99411231,

@@ -203,7 +203,7 @@ def test_skip_criterion_and_handover_on_the_mixture():
 
 
 def test_class_conditional_statistics_and_teleport(tmp_path):
-    """A class-conditional model teleports each sample with its class's Gaussian (reference notes §4.5)."""
+    """A class-conditional model teleports each sample with its class's Gaussian"""
     images, labels = load_digits_dataset("all", resolution=8)
     per_class = class_statistics((images, labels), batch_size=500)
     assert sorted(per_class) == list(range(10))
