@@ -76,6 +76,28 @@ def _batch_shape(shape: Sequence[int] | None, x_T: torch.Tensor | None) -> tuple
     return shape
 
 
+def _check_request(
+    total: int,
+    cond: Mapping[str, Any] | None,
+    uncond: Mapping[str, Any] | None,
+    seeds: Sequence[int] | None,
+    batch_size: int | None,
+    dtype: torch.dtype,
+) -> int:
+    """Validate the per-sample inputs against the batch of ``total`` samples; returns the chunk size."""
+    if seeds is not None and len(seeds) != total:
+        raise ValueError(f"got {len(seeds)} seeds for {total} samples")
+    for name, c in (("cond", cond), ("uncond", uncond)):
+        b = cond_batch_size(c)
+        if b is not None and b not in (1, total):
+            raise ValueError(f"{name} has batch size {b} but {total} samples were requested")
+    if batch_size is not None and (isinstance(batch_size, bool) or int(batch_size) <= 0):
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+    if not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating dtype, got {dtype}")
+    return total if batch_size is None else int(batch_size)
+
+
 def sample(
     denoiser: Denoiser,
     solver: Solver,
@@ -123,25 +145,14 @@ def sample(
         enable_grad: build the autograd graph through the whole run (off by default: sampling keeps no graph).
     """
     process = denoiser.process
-    if isinstance(schedule, Schedule):
-        sched = schedule
-    else:
-        sched = default_schedule(process, check_num_steps(schedule, process))
+    sched = (
+        schedule if isinstance(schedule, Schedule) else default_schedule(process, check_num_steps(schedule, process))
+    )
     plan = solver.plan(process, sched)
     shape = _batch_shape(shape, x_T)
     total = shape[0]
-    if seeds is not None and len(seeds) != total:
-        raise ValueError(f"got {len(seeds)} seeds for {total} samples")
-    for name, c in (("cond", cond), ("uncond", uncond)):
-        b = cond_batch_size(c)
-        if b is not None and b not in (1, total):
-            raise ValueError(f"{name} has batch size {b} but {total} samples were requested")
-    if batch_size is not None and (isinstance(batch_size, bool) or int(batch_size) <= 0):
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
-    if not dtype.is_floating_point:
-        raise TypeError(f"dtype must be a floating dtype, got {dtype}")
+    chunk = _check_request(total, cond, uncond, seeds, batch_size, dtype)
     hooks = as_guidance(guidance)
-    chunk = total if batch_size is None else int(batch_size)
     run_device = (
         torch.device(device) if device is not None else (x_T.device if x_T is not None else model_device(denoiser))
     )

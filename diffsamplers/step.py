@@ -149,7 +149,7 @@ def as_guidance(guidance: Guidance | Sequence[Guidance] | None) -> tuple[Guidanc
     """One guidance, a sequence or ``None``, as a tuple (checked)."""
     if guidance is None:
         return ()
-    items = (guidance,) if isinstance(guidance, Guidance) else tuple(guidance)
+    items = tuple(guidance) if isinstance(guidance, Sequence) and not isinstance(guidance, str) else (guidance,)
     for g in items:
         if not isinstance(g, Guidance):
             raise TypeError(f"guidance must be Guidance objects, got {type(g).__name__}")
@@ -329,6 +329,11 @@ def predict(run: SamplingRun, index: int, x: torch.Tensor) -> torch.Tensor:
     """x̂0 at evaluation ``index`` (the first part of :func:`step`): guidance conditions, the model, guided x̂0."""
     if run.denoiser is None:
         raise ValueError("this run has no denoiser: pass the model output's x̂0 to step(..., x0=...)")
+    if not run.guidance:  # the common case, kept lean: it runs once per model evaluation
+        t, alpha, sigma = evaluation_point(run, index, x.device)
+        return run.denoiser.predict_x0(
+            x, t, alpha, sigma, cond=run.cond, uncond=run.uncond, guidance_scale=run.guidance_scale
+        )
     ctx = _context(run, index, x.device)
     conditions = Conditions(run.cond, run.uncond, run.guidance_scale)
     for g in run.guidance:
@@ -388,7 +393,7 @@ def advance(
     """
     if z is None and run.plan.steps[index].noise != 0.0:
         z = _draw_noise(run, x)
-    transitions = [g for g in run.guidance if g.has_transition]
+    transitions = [g for g in run.guidance if g.has_transition] if run.guidance else ()
     before = run.state.copy() if transitions else None
     out = run.solver.advance(run.plan, run.state, index, c, x, z, compensation)
     if transitions:

@@ -18,7 +18,7 @@ def _pyplot() -> Any:
     try:
         import matplotlib
     except ImportError:
-        raise ValueError("plots need matplotlib: pip install matplotlib") from None
+        raise ValueError('--plot needs matplotlib: pip install "diffsamplers[plot]"') from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -25,8 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from ..schedules.align_your_steps import align_your_steps
 from ..schedules.learned import LearnedSchedule
 from ..schedules.schedule import FINAL_CONVENTIONS, Schedule
@@ -339,7 +337,7 @@ def parse_schedule(spec: str) -> ScheduleRecipe:
             raise ValueError(f"schedule {spec!r}: sigmas: takes numbers separated by commas") from None
         if len(levels) < 2 or not all(math.isfinite(v) for v in levels):
             raise ValueError(f"schedule {spec!r}: sigmas: needs at least two finite levels (the last is the final one)")
-        return ScheduleRecipe(text, "sigmas", ",".join(repr(v) for v in np.asarray(levels)), final=final_or_none)
+        return ScheduleRecipe(text, "sigmas", ",".join(repr(v) for v in levels), final=final_or_none)
     if name not in SCHEDULES:
         raise ValueError(f"unknown schedule {spec!r}: expected {describe_schedules()}")
     return ScheduleRecipe(text, SCHEDULES[name], options=_options(arg, text), final=final_or_none)

@@ -42,7 +42,7 @@ from ..noise import DiscreteVP, NoiseProcess
 from ..schedules.learned import LearnedSchedule
 from .klub import KLUBEstimator
 
-__all__ = ["AYSSettings", "optimize_schedule", "initial_levels"]
+__all__ = ["AYSSettings", "SearchState", "optimize_schedule", "initial_levels"]
 
 _CHECKPOINT = "ays_checkpoint"
 Metric = Callable[[np.ndarray], float]
@@ -149,6 +149,55 @@ def _config_key(settings: AYSSettings, describe: dict[str, Any]) -> dict[str, An
     return {"settings": asdict(settings), "describe": describe}
 
 
+@dataclass
+class SearchState:
+    """Where an optimisation stands (what a checkpoint holds): the stage and sweep, the current levels and their
+    search radii, the first stage's best levels by the metric, the finished stages, and the histories."""
+
+    stage: int
+    sweep: int
+    levels: np.ndarray
+    best: np.ndarray
+    radii: np.ndarray
+    stages: dict[int, np.ndarray]
+    klub: list[float]
+    metric: list[float]
+    best_metric: float | None
+    since_best: int
+    elapsed: float
+
+    @classmethod
+    def start(cls, levels: np.ndarray, settings: AYSSettings, klub: float, metric: float | None) -> SearchState:
+        return cls(
+            stage=0,
+            sweep=0,
+            levels=levels,
+            best=levels.copy(),
+            radii=np.full(levels.size, settings.radius),
+            stages={},
+            klub=[klub],
+            metric=[] if metric is None else [metric],
+            best_metric=metric,
+            since_best=0,
+            elapsed=0.0,
+        )
+
+
+@dataclass
+class _Run:
+    """What the steps of one optimisation share."""
+
+    settings: AYSSettings
+    estimator: KLUBEstimator
+    metric: Metric | None
+    checkpoint: str | Path | None
+    key: dict[str, Any]
+    say: Callable[[str], None]
+
+    def save(self, state: SearchState) -> None:
+        _save_checkpoint(self.checkpoint, self.key, state)
+
+
 def optimize_schedule(
     denoiser: Denoiser,
     data: DataSource,
@@ -174,11 +223,8 @@ def optimize_schedule(
     """
     settings = settings or AYSSettings()
     describe = dict(describe or {})
-    process = denoiser.process
-    key = _config_key(settings, describe)
-
     x0, cond = _bank_data(data, settings)
-    est = KLUBEstimator(
+    estimator = KLUBEstimator(
         denoiser,
         x0,
         cond,
@@ -188,92 +234,97 @@ def optimize_schedule(
         batch_size=settings.batch_size,
         device=device,
     )
-    say = log or (lambda _: None)
+    run = _Run(settings, estimator, metric, checkpoint, _config_key(settings, describe), log or (lambda _: None))
     started = time.time()
-
-    state = _load_checkpoint(checkpoint, key) if (checkpoint and resume) else None
+    state = _load_checkpoint(checkpoint, run.key) if (checkpoint and resume) else None
     if state is None:
-        levels = initial_levels(process, settings)
-        state = {
-            "stage": 0,
-            "sweep": 0,
-            "levels": levels,
-            "best": levels.copy(),
-            "radii": np.full(levels.size, settings.radius),
-            "stages": {},
-            "klub": [est.total(levels)],
-            "metric": [metric(levels)] if metric else [],
-            "best_metric": None,
-            "since_best": 0,
-            "elapsed": 0.0,
-        }
-        state["best_metric"] = state["metric"][0] if metric else None
-        say(
-            f"init ({settings.init}): KLUB {state['klub'][0]:.6g}"
-            + (f", metric {state['metric'][0]:.6g}" if metric else "")
-        )
-        _save_checkpoint(checkpoint, key, state)
+        state = _initial_state(run, denoiser.process)
     else:
-        say(f"resuming from {checkpoint}: stage {state['stage']}, sweep {state['sweep']}")
-
-    stage_steps = [settings.num_steps * 2**s for s in range(settings.refinements + 1)]
-    while state["stage"] <= settings.refinements:
-        stage = state["stage"]
-        levels, radii = state["levels"], state["radii"]
-        first = stage == 0
-        n = levels.size - 1
-        movable = list(range(1, n)) if first else list(range(1, n, 2))
-        limit = settings.max_sweeps if first else settings.refine_sweeps
-        done = state["sweep"] >= limit or max(radii[movable]) < settings.min_radius
-        if first and metric and state["since_best"] >= settings.patience:
-            done = True
-        if not done:
-            if first:
-                levels, moved_a = _search(levels, movable[0::2], radii, est, settings.num_candidates)
-                levels, moved_b = _search(levels, movable[1::2], radii, est, settings.num_candidates)
-            else:
-                levels, moved_a = _search(levels, movable, radii, est, settings.num_candidates)
-            state["levels"], state["sweep"] = levels, state["sweep"] + 1
-            klub = est.total(levels)
-            state["klub"].append(klub)
-            msg = f"stage {stage} ({n} steps) sweep {state['sweep']}: KLUB {klub:.6g}, max radius {max(radii[movable]):.3g}"
-            if first and metric:
-                value = metric(levels)
-                state["metric"].append(value)
-                if value < state["best_metric"]:
-                    state["best_metric"], state["best"], state["since_best"] = value, levels.copy(), 0
-                else:
-                    state["since_best"] += 1
-                msg += f", metric {value:.6g} (best {state['best_metric']:.6g})"
-            say(msg)
-            state["elapsed"] += time.time() - started
+        run.say(f"resuming from {checkpoint}: stage {state.stage}, sweep {state.sweep}")
+    while state.stage <= settings.refinements:
+        if _stage_finished(run, state):
+            _next_stage(run, state)
+        else:
+            _sweep(run, state)
+            state.elapsed += time.time() - started
             started = time.time()
-            _save_checkpoint(checkpoint, key, state)
-            continue
-        # The stage is finished: keep its result and subdivide for the next one.
-        result = state["best"] if first and metric else levels
-        state["stages"][stage_steps[stage]] = result.copy()
-        state["stage"] += 1
-        state["sweep"] = 0
-        if state["stage"] <= settings.refinements:
-            state["levels"] = _refine(result)
-            state["radii"] = np.full(state["levels"].size, settings.radius)
-            state["klub"].append(est.total(state["levels"]))
-        _save_checkpoint(checkpoint, key, state)
-        say(f"stage {stage} done: {stage_steps[stage]} steps, KLUB {est.total(result):.6g}")
-
+            run.save(state)
+    process = denoiser.process
     metadata = {
         **describe,
         "method": "Align Your Steps (Sabour et al. 2024), KLUB coordinate search",
         "process": process.to_config() if not isinstance(process, DiscreteVP) else _short_config(process),
         "settings": asdict(settings),
-        "klub_history": [float(v) for v in state["klub"]],
-        "metric_history": [float(v) for v in state["metric"]],
-        "stage_klub": {str(n): est.total(v) for n, v in state["stages"].items()},
-        "model_evaluations_this_run": est.evaluations,
-        "seconds": round(state["elapsed"] + time.time() - started, 1),
+        "klub_history": [float(v) for v in state.klub],
+        "metric_history": [float(v) for v in state.metric],
+        "stage_klub": {str(n): estimator.total(v) for n, v in state.stages.items()},
+        "model_evaluations_this_run": estimator.evaluations,
+        "seconds": round(state.elapsed + time.time() - started, 1),
     }
-    return LearnedSchedule(state["stages"], metadata)
+    return LearnedSchedule(state.stages, metadata)
+
+
+def _initial_state(run: _Run, process: NoiseProcess) -> SearchState:
+    levels = initial_levels(process, run.settings)
+    value = run.metric(levels) if run.metric else None
+    state = SearchState.start(levels, run.settings, run.estimator.total(levels), value)
+    run.say(f"init ({run.settings.init}): KLUB {state.klub[0]:.6g}" + (f", metric {value:.6g}" if run.metric else ""))
+    run.save(state)
+    return state
+
+
+def _movable(state: SearchState) -> list[int]:
+    """The levels a sweep moves: every interior one in the first stage, the new (odd) ones in a refinement."""
+    n = state.levels.size - 1
+    return list(range(1, n)) if state.stage == 0 else list(range(1, n, 2))
+
+
+def _stage_finished(run: _Run, state: SearchState) -> bool:
+    first = state.stage == 0
+    limit = run.settings.max_sweeps if first else run.settings.refine_sweeps
+    if state.sweep >= limit or max(state.radii[_movable(state)]) < run.settings.min_radius:
+        return True
+    return first and run.metric is not None and state.since_best >= run.settings.patience
+
+
+def _sweep(run: _Run, state: SearchState) -> None:
+    """One coordinate sweep (odd then even levels in the first stage, the new levels in a refinement), then the
+    KLUB and, in the first stage, the early-stopping metric."""
+    movable, count = _movable(state), run.settings.num_candidates
+    if state.stage == 0:
+        levels, _ = _search(state.levels, movable[0::2], state.radii, run.estimator, count)
+        levels, _ = _search(levels, movable[1::2], state.radii, run.estimator, count)
+    else:
+        levels, _ = _search(state.levels, movable, state.radii, run.estimator, count)
+    state.levels, state.sweep = levels, state.sweep + 1
+    klub = run.estimator.total(levels)
+    state.klub.append(klub)
+    n = levels.size - 1
+    msg = f"stage {state.stage} ({n} steps) sweep {state.sweep}: KLUB {klub:.6g}, max radius {max(state.radii[movable]):.3g}"
+    if state.stage == 0 and run.metric is not None:
+        value = run.metric(levels)
+        state.metric.append(value)
+        if state.best_metric is None or value < state.best_metric:
+            state.best_metric, state.best, state.since_best = value, levels.copy(), 0
+        else:
+            state.since_best += 1
+        msg += f", metric {value:.6g} (best {state.best_metric:.6g})"
+    run.say(msg)
+
+
+def _next_stage(run: _Run, state: SearchState) -> None:
+    """Keep the finished stage's result (the first stage's best by the metric) and subdivide it for the next."""
+    settings = run.settings
+    result = state.best if state.stage == 0 and run.metric is not None else state.levels
+    steps = settings.num_steps * 2**state.stage
+    state.stages[steps] = result.copy()
+    finished, state.stage, state.sweep = state.stage, state.stage + 1, 0
+    if state.stage <= settings.refinements:
+        state.levels = _refine(result)
+        state.radii = np.full(state.levels.size, settings.radius)
+        state.klub.append(run.estimator.total(state.levels))
+    run.save(state)
+    run.say(f"stage {finished} done: {steps} steps, KLUB {run.estimator.total(result):.6g}")
 
 
 def _short_config(process: DiscreteVP) -> dict[str, Any]:
@@ -297,26 +348,26 @@ def _bank_data(data: DataSource, settings: AYSSettings) -> tuple[torch.Tensor, d
     return take(data, n, seed=None)
 
 
-def _save_checkpoint(path: str | Path | None, key: dict[str, Any], state: dict[str, Any]) -> None:
+def _save_checkpoint(path: str | Path | None, key: dict[str, Any], state: SearchState) -> None:
     if path is None:
         return
     tensors = {
-        "levels": torch.from_numpy(state["levels"].copy()),
-        "best": torch.from_numpy(state["best"].copy()),
-        "radii": torch.from_numpy(state["radii"].copy()),
-        **{f"stage_{n}": torch.from_numpy(v.copy()) for n, v in state["stages"].items()},
+        "levels": torch.from_numpy(state.levels.copy()),
+        "best": torch.from_numpy(state.best.copy()),
+        "radii": torch.from_numpy(state.radii.copy()),
+        **{f"stage_{n}": torch.from_numpy(v.copy()) for n, v in state.stages.items()},
     }
     meta = {
         "kind": _CHECKPOINT,
         "key": key,
-        **{k: state[k] for k in ("stage", "sweep", "best_metric", "since_best", "elapsed")},
-        "klub": [float(v) for v in state["klub"]],
-        "metric": [float(v) for v in state["metric"]],
+        **{k: getattr(state, k) for k in ("stage", "sweep", "best_metric", "since_best", "elapsed")},
+        "klub": [float(v) for v in state.klub],
+        "metric": [float(v) for v in state.metric],
     }
     save_artifact(path, tensors, meta)
 
 
-def _load_checkpoint(path: str | Path, key: dict[str, Any]) -> dict[str, Any] | None:
+def _load_checkpoint(path: str | Path, key: dict[str, Any]) -> SearchState | None:
     if not Path(path).is_file():
         return None
     tensors, meta = load_artifact(path, _CHECKPOINT)
@@ -325,10 +376,9 @@ def _load_checkpoint(path: str | Path, key: dict[str, Any]) -> dict[str, Any] | 
             f"checkpoint {path} was written for other settings or another model; remove it or pass resume=False "
             f"(it has {meta['key']}, this run {key})"
         )
-    state = {k: meta[k] for k in ("stage", "sweep", "best_metric", "since_best", "elapsed", "klub", "metric")}
-    for name in ("levels", "best", "radii"):
-        state[name] = tensors[name].double().numpy()
-    state["stages"] = {
-        int(k.split("_", 1)[1]): v.double().numpy() for k, v in tensors.items() if k.startswith("stage_")
-    }
-    return state
+    stages = {int(k.split("_", 1)[1]): v.double().numpy() for k, v in tensors.items() if k.startswith("stage_")}
+    return SearchState(
+        stages=stages,
+        **{name: tensors[name].double().numpy() for name in ("levels", "best", "radii")},
+        **{k: meta[k] for k in ("stage", "sweep", "best_metric", "since_best", "elapsed", "klub", "metric")},
+    )

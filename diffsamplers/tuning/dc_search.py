@@ -215,18 +215,7 @@ def search_dc_ratios(
     run = SamplingRun.start(
         solver, plan, x, denoiser=denoiser, cond=cond, uncond=uncond, guidance_scale=guidance_scale, check_finite=False
     )
-    record = SearchRecord(
-        datapoints=int(x_T.shape[0]),
-        data_fingerprint=data_fingerprint(x_T, cond),
-        iterations=iterations,
-        lr=lr,
-        optimizer=optimizer,
-        bound=bound or "none",
-        reference_steps=None if given_reference else reference_steps,
-        loss_before=[None] * plan.num_evals,
-        loss_after=[None] * plan.num_evals,
-        refine={"iterations": refine_iterations, "lr": refine_lr, "done": refine_iterations == 0},
-    )
+    record = _new_record(x_T, cond, settings, None if given_reference else reference_steps, plan.num_evals)
     result = DCRatios(
         ratios=[1.0] * plan.num_evals,
         model=model_id,
@@ -247,6 +236,27 @@ def search_dc_ratios(
     result.searched_steps = None
     search.save()
     return result
+
+
+def _new_record(
+    x_T: torch.Tensor, cond: Cond, settings: SearchSettings, reference_steps: int | None, nfe: int
+) -> SearchRecord:
+    return SearchRecord(
+        datapoints=int(x_T.shape[0]),
+        data_fingerprint=data_fingerprint(x_T, cond),
+        iterations=settings.iterations,
+        lr=settings.lr,
+        optimizer=settings.optimizer,
+        bound=settings.bound or "none",
+        reference_steps=reference_steps,
+        loss_before=[None] * nfe,
+        loss_after=[None] * nfe,
+        refine={
+            "iterations": settings.refine_iterations,
+            "lr": settings.refine_lr,
+            "done": settings.refine_iterations == 0,
+        },
+    )
 
 
 def _check_datapoints(x_T: torch.Tensor, min_datapoints: int) -> None:
