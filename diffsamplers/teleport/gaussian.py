@@ -38,7 +38,7 @@ import torch
 from ..denoiser import Denoiser
 from ..noise import NoiseProcess
 from ..rng import NoiseSource
-from ..sampling import model_device, sample
+from ..sampling import initial_noise, model_device, sample
 from ..schedules.schedule import Schedule
 from ..solvers.base import Solver
 from .statistics import GaussianStatistics
@@ -210,9 +210,7 @@ def choose_skip(
         None if cond is None else {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in cond.items()}
     )
     shape = (stats if isinstance(stats, GaussianStatistics) else next(iter(stats.values()))).sample_shape
-    g = torch.Generator().manual_seed(seed)
-    x_T = torch.randn(num_probes, *shape, generator=g, dtype=torch.float64)
-    x_T = x_T * process.init_noise_sigma(float(sigmas[0]))
+    x_T = initial_noise(process, float(sigmas[0]), (num_probes, *shape), seed, dtype=torch.float64)
     limit = min(int(max_fraction * schedule.num_steps), schedule.num_steps - 1)
     errors: list[float] = []
     skip = 0
@@ -315,8 +313,7 @@ class GaussianTeleport:
             if shape is None:
                 raise ValueError("give the batch shape (N, ...) or x_T")
             run_device = torch.device(device) if device is not None else model_device(denoiser)
-            x_T = noise.draw(0, int(shape[0]), tuple(shape[1:]), run_device, dtype)
-            x_T = x_T * process.init_noise_sigma(float(schedule.sigmas[0]))
+            x_T = initial_noise(process, float(schedule.sigmas[0]), shape, noise, device=run_device, dtype=dtype)
         cond = sample_kwargs.get("cond")
         labels = None if cond is None else cond.get(self.cond_key)
         x_k = gaussian_flow(self.stats, process, x_T, float(schedule.sigmas[0]), float(schedule.sigmas[k]), labels)
