@@ -1,6 +1,6 @@
 """Learn an Align Your Steps schedule: the same job as ``diffsamplers schedule optimize`` (same arguments).
 
-python scripts/optimize_schedule.py --model gmm --solver dpm++2m --nfe 10 --out docs/ays/gmm_dpm++2m_10.safetensors
+python scripts/optimize_schedule.py --model gmm --solver dpm++2m --nfe 10 --output docs/ays/gmm_dpm++2m_10.safetensors
 """
 
 import sys

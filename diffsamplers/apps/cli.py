@@ -1,18 +1,53 @@
-"""The ``diffsamplers`` command line."""
+"""The ``diffsamplers`` command line.
+
+Every command checks its arguments before it computes anything: a bad value ends in one line,
+``diffsamplers <command>: error: --flag …``, exit status 2 (:mod:`diffsamplers.apps.arguments`); so does bad input
+the library finds later. Files are written to ``--output`` (the reports: ``--json`` and ``--plot``); the folders
+they go into are created first. Model, solver and schedule specs are those of :func:`~.registry.load_model`,
+:func:`~.recipes.parse_solver` and :func:`~.recipes.parse_schedule`; ``--help`` lists them.
+"""
 
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
+from typing import Any
 
-__all__ = ["main"]
+from ..schedules.align_your_steps import AYS_MODELS
+from .arguments import (
+    CommandParser,
+    add_commands,
+    add_output,
+    add_sampler_arguments,
+    device,
+    finite_float,
+    guidance_scale,
+    help_text,
+    integer,
+    output_file,
+    parse_class_labels,
+    plot_suffixes,
+    run_command,
+    seed,
+    set_command,
+    spec,
+)
+from .images import image_suffixes
+from .recipes import SolverRecipe, describe_solvers, parse_solver
+from .registry import ModelBundle, describe_models
+
+__all__ = ["build_parser", "main"]
+
+#: The learned-schedule file extension (what ``--schedule`` recognises as a learned schedule).
+SCHEDULE_SUFFIX = ".safetensors"
+
+
+# -- commands ---------------------------------------------------------------------------------------
 
 
 def _compare(args: argparse.Namespace) -> int:
     from .compare import format_table, run_compare
     from .plots import plot_compare
-    from .tables import write_json
 
     report = run_compare(
         nfes=args.nfe, num_samples=args.num_samples, seed=args.seed, select=args.methods, progress=not args.quiet
@@ -20,12 +55,80 @@ def _compare(args: argparse.Namespace) -> int:
     print(f"# {report['metric']}")
     print(f"# model: {report['model']}; {report['num_samples']} samples, seed {report['seed']}")
     print(format_table(report))
+    _write_report(report, args, plot_compare)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .digits_eval import format_table, run_eval
+    from .plots import plot_digits_eval
+
+    report = run_eval(
+        nfes=args.nfe,
+        num_samples=args.num_samples,
+        guidance_scale=args.guidance,
+        seed=args.seed,
+        select=args.methods,
+        progress=not args.quiet,
+    )
+    print(
+        f"# {report['metric']}; {report['num_samples']} samples, guidance {report['guidance_scale']}, seed {report['seed']}"
+    )
+    print(format_table(report))
+    _write_report(report, args, plot_digits_eval)
+    return 0
+
+
+def _write_report(report: dict[str, Any], args: argparse.Namespace, plot: Any) -> None:
+    from .tables import write_json
+
     if args.json:
         write_json(report, args.json)
         print(f"wrote {args.json}")
     if args.plot:
-        plot_compare(report, args.plot)
+        plot(report, args.plot)
         print(f"wrote {args.plot}")
+
+
+def _sample_classes(bundle: ModelBundle, classes: str | None) -> list[int] | None:
+    """The rows of the sheet: ``--classes`` (all classes by default); ``None`` for an unconditional model."""
+    if classes:
+        return bundle.check_classes(parse_class_labels(classes), "--classes")
+    return list(range(bundle.num_classes)) if bundle.num_classes else None
+
+
+def _sample_guidance(bundle: ModelBundle, guidance: float | None) -> float:
+    """``--guidance``; by default 2 for a class-conditional model and 1 (none) for an unconditional one."""
+    if guidance is None:
+        return 2.0 if bundle.num_classes else 1.0
+    if not bundle.num_classes and guidance != 1.0:
+        raise ValueError(f"--guidance: model {bundle.name!r} is unconditional; it takes only 1, got {guidance:g}")
+    return guidance
+
+
+def _grid_rows(count: int) -> int:
+    """Rows of about 8 samples that the ``count`` samples fill exactly."""
+    return next(r for r in range(max(1, count // 8), 0, -1) if count % r == 0)
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from .images import save_grid
+    from .registry import load_model
+    from .samplers import make_sampler
+
+    bundle = load_model(args.model, args.device)
+    classes = _sample_classes(bundle, args.classes)
+    guidance = _sample_guidance(bundle, args.guidance)
+    labels = None if classes is None else [c for c in classes for _ in range(args.per_class)]
+    count = args.per_class if labels is None else len(labels)
+    rows = _grid_rows(count) if classes is None else len(classes)
+    sampler = make_sampler(bundle, args.solver, args.steps, args.schedule, guidance, args.seed, classes=labels)
+    images, _ = sampler(range(count))
+    path = save_grid(images, rows, args.output)
+    print(
+        f"wrote {path}: {count} samples from {args.model} with {args.solver}, {args.steps} steps ({args.schedule}), "
+        f"guidance {guidance:g}, seed {args.seed}"
+    )
     return 0
 
 
@@ -65,7 +168,7 @@ def _schedule_optimize(args: argparse.Namespace) -> int:
     learned = optimize_for_model(
         args.model,
         args.nfe,
-        args.out,
+        args.output,
         settings,
         rule,
         checkpoint=args.checkpoint,
@@ -77,7 +180,7 @@ def _schedule_optimize(args: argparse.Namespace) -> int:
     )
     for n, levels in learned.stages.items():
         print(f"{n} steps:", [round(float(v), 6) for v in levels])
-    print(f"wrote {args.out}" + (f" and {args.plot}" if args.plot else ""))
+    print(f"wrote {args.output}" + (f" and {args.plot}" if args.plot else ""))
     return 0
 
 
@@ -99,172 +202,151 @@ def _schedule_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sample(args: argparse.Namespace) -> int:
-    from .images import save_grid
-    from .registry import load_model
-    from .samplers import make_sampler
+# -- parsers ----------------------------------------------------------------------------------------
 
-    bundle = load_model(args.model, args.device)
-    if bundle.num_classes:
-        classes = (
-            bundle.check_classes(args.classes.split(","), "--classes")
-            if args.classes
-            else list(range(bundle.num_classes))
-        )
-        labels = [c for c in classes for _ in range(args.per_class)]
-        rows, count = len(classes), len(labels)
-    else:
-        labels, rows, count = None, max(1, args.per_class // 8), args.per_class
-    sampler = make_sampler(bundle, args.solver, args.steps, args.schedule, args.guidance, args.seed, classes=labels)
-    images, _ = sampler(range(count))
-    path = save_grid(images, rows, args.output)
-    print(
-        f"wrote {path}: {count} samples from {args.model} with {args.solver}, {args.steps} steps ({args.schedule}), "
-        f"guidance {args.guidance}, seed {args.seed}"
+
+def _parse_our_solver(text: str) -> SolverRecipe:
+    """A solver spec the schedule search can run (not one of diffusers' schedulers)."""
+    recipe = parse_solver(text)
+    if recipe.is_diffusers:
+        raise ValueError(f"{text!r} is a diffusers scheduler; the schedule search needs one of ours")
+    return recipe
+
+
+def _plot_argument(parser: argparse.ArgumentParser, help: str) -> None:
+    parser.add_argument("--plot", type=output_file(plot_suffixes, "a plot"), default=None, help=help)
+
+
+def _command(sub: Any, name: str, help: str) -> CommandParser:
+    return sub.add_parser(name, help=help, description=help)
+
+
+def _add_report_arguments(p: argparse.ArgumentParser, nfes: list[int], num_samples: int, min_samples: int) -> None:
+    """The options ``compare`` and ``eval`` share."""
+    p.add_argument("--nfe", type=integer(), nargs="+", default=nfes, help="model evaluations per sample")
+    p.add_argument("--num-samples", type=integer(min_samples), default=num_samples, help="samples per method")
+    p.add_argument("--seed", type=seed, default=0, help="seed of the initial noises")
+    p.add_argument("--methods", default=None, help="only methods whose name contains this text")
+    p.add_argument("--json", type=output_file(), default=None, help="write the table as JSON here")
+    _plot_argument(p, "write a plot of error vs NFE here (.png, .pdf, .svg, …)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_compare(sub: Any) -> None:
+    p = _command(sub, "compare", "solver error vs the exact ODE solution on the bundled Gaussian mixture")
+    _add_report_arguments(p, [5, 6, 8, 10, 15, 20, 50], 64, 1)
+    set_command(p, _compare, outputs=("json", "plot"))
+
+
+def _add_sample(sub: Any) -> None:
+    p = _command(sub, "sample", "a grid of samples (default: the bundled digits model, one row per digit)")
+    add_sampler_arguments(
+        p,
+        guidance=None,
+        guidance_help="classifier-free guidance scale, > 0, 1 = none (default: 2 for class-conditional models, 1 otherwise)",
+        classes_help="comma-separated class labels, one row each (default: all classes)",
     )
-    return 0
+    p.add_argument("--per-class", type=integer(), default=8, help="samples per class (unconditional model: in all)")
+    image = output_file(image_suffixes, "an image")
+    add_output(p, "the image to write (.png, .jpg, .webp, …)", default="samples.png", type=image)
+    set_command(p, _sample, outputs=("output",))
 
 
-def _eval(args: argparse.Namespace) -> int:
-    from .digits_eval import format_table, run_eval
-    from .plots import plot_digits_eval
-    from .tables import write_json
-
-    report = run_eval(
-        nfes=args.nfe,
-        num_samples=args.num_samples,
-        guidance_scale=args.guidance,
-        seed=args.seed,
-        select=args.methods,
-        progress=not args.quiet,
-    )
-    print(
-        f"# {report['metric']}; {report['num_samples']} samples, guidance {report['guidance_scale']}, seed {report['seed']}"
-    )
-    print(format_table(report))
-    if args.json:
-        write_json(report, args.json)
-        print(f"wrote {args.json}")
-    if args.plot:
-        plot_digits_eval(report, args.plot)
-        print(f"wrote {args.plot}")
-    return 0
+def _add_eval(sub: Any) -> None:
+    p = _command(sub, "eval", "FD-digits and class accuracy vs NFE for several solvers (ours and diffusers')")
+    _add_report_arguments(p, [5, 10, 20], 500, 2)
+    p.add_argument("--guidance", type=guidance_scale, default=1.0, help="classifier-free guidance scale, 1 = none")
+    set_command(p, _eval, outputs=("json", "plot"))
 
 
-def _add_schedule_commands(sub: argparse._SubParsersAction) -> None:
-    group = sub.add_parser("schedule", help="Align Your Steps schedules: published, learned (optimize), inspect")
-    cmds = group.add_subparsers(dest="schedule_command", required=True)
+def _add_fid(sub: Any) -> None:
+    from .fid_job import build_parser as fid_parser
 
-    p = cmds.add_parser("ays", help="print a published Align Your Steps schedule for any number of steps")
-    p.add_argument("--model", default="sd15", help="sd15, sdxl, svd or deepfloyd_if")
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--final", default="replace", choices=["replace", "append", "sigma_min"])
-    p.add_argument("--source", default=None, choices=["quickstart", "paper"])
+    fid_parser(_command(sub, "fid", "sharded, resumable FID / FD-digits of one sampler (= scripts/eval_fid.py)"))
+
+
+def _add_schedule_ays(cmds: Any) -> None:
+    p = _command(cmds, "ays", "print a published Align Your Steps schedule for any number of steps")
+    p.add_argument("--model", default="sd15", help=f"the published schedule's model: {', '.join(AYS_MODELS)}")
+    p.add_argument("--steps", type=integer(), default=10, help="steps (the published 10 interpolated log-linearly)")
+    p.add_argument("--final", default="replace", choices=["replace", "append", "sigma_min"], help="the last level")
+    p.add_argument("--source", default=None, choices=["quickstart", "paper"], help="which published list")
     p.add_argument("--timesteps", action="store_true", help="also print integer timesteps for diffusers")
-    p.set_defaults(func=_schedule_ays)
+    set_command(p, _schedule_ays)
 
-    p = cmds.add_parser("optimize", help="learn an Align Your Steps schedule (KLUB search) for a model")
-    p.add_argument("--model", default="gmm", help="gmm, diffusers:<dir>, or a registered model")
+
+def _add_schedule_optimize(cmds: Any) -> None:
+    p = _command(cmds, "optimize", "learn an Align Your Steps schedule (KLUB search) for a model")
+    p.add_argument("--model", default="gmm", help=help_text(f"model: {describe_models()}"))
     p.add_argument(
         "--solver",
         default="dpm++2m",
-        help="solver whose error stops the first stage early ('dc-solver': DC-Solver, ratios searched per schedule)",
+        type=spec(_parse_our_solver),
+        help=help_text(
+            f"solver whose error stops the first stage early (dc-solver:search: DC-Solver with ratios searched per "
+            f"schedule): {describe_solvers()}"
+        ),
     )
-    p.add_argument("--nfe", type=int, default=10, help="steps of the first stage")
-    p.add_argument("--refinements", type=int, default=2, help="subdivisions after the first stage (10→20→40)")
-    p.add_argument("--out", required=True, help="where to write the learned schedule (.safetensors)")
-    p.add_argument("--checkpoint", default=None, help="checkpoint file (default: next to --out)")
+    p.add_argument("--nfe", type=integer(2), default=10, help="steps of the first stage")
+    p.add_argument("--refinements", type=integer(0), default=2, help="subdivisions after the first stage (10→20→40)")
+    schedule_file = output_file({SCHEDULE_SUFFIX}, "a learned schedule")
+    add_output(p, "the learned schedule to write (.safetensors)", alias="--out", type=schedule_file, required=True)
+    p.add_argument("--checkpoint", type=schedule_file, default=None, help="checkpoint file (default: next to --output)")
     p.add_argument("--no-resume", action="store_true", help="start afresh even if a checkpoint exists")
-    p.add_argument("--plot", default=None, help="write a PNG of the schedules and the KLUB history")
-    p.add_argument("--data", default=None, help="data: a tensor file or 'sklearn-digits'")
-    p.add_argument("--num-samples", type=int, default=8192, help="data samples in the KLUB estimate")
-    p.add_argument("--metric-samples", type=int, default=256, help="held-out noises for early stopping")
-    p.add_argument("--reference-steps", type=int, default=1000, help="steps of the reference run (no exact one)")
-    p.add_argument("--search-samples", type=int, default=10, help="dc-solver: datapoints of each ratio search")
-    p.add_argument("--max-sweeps", type=int, default=100)
-    p.add_argument("--refine-sweeps", type=int, default=40)
-    p.add_argument("--patience", type=int, default=3)
-    p.add_argument("--init", default="auto", choices=["auto", "uniform_time", "karras", "uniform_logsnr"])
-    p.add_argument("--importance-c", type=float, default=0.5)
-    p.add_argument("--power", type=int, default=1, choices=[1, 2])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=4096)
-    p.add_argument("--device", default=None)
-    p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=_schedule_optimize)
-
-    p = cmds.add_parser("show", help="print (and plot) a learned schedule")
-    p.add_argument("path")
-    p.add_argument("--steps", type=int, default=None, help="also print the schedule interpolated to this many steps")
-    p.add_argument("--final", default="replace", choices=["replace", "append", "sigma_min"])
-    p.add_argument("--plot", default=None)
-    p.set_defaults(func=_schedule_show)
+    _plot_argument(p, "write a plot of the schedules and the KLUB history here (.png, .pdf, .svg, …)")
+    p.add_argument("--data", default=None, help="data: a tensor file or 'sklearn-digits' (default: the model's)")
+    p.add_argument("--num-samples", type=integer(), default=8192, help="data samples in the KLUB estimate")
+    p.add_argument("--metric-samples", type=integer(), default=256, help="held-out noises for early stopping")
+    p.add_argument("--reference-steps", type=integer(), default=1000, help="steps of the reference run (no exact one)")
+    p.add_argument("--search-samples", type=integer(), default=10, help="dc-solver:search: datapoints of each search")
+    p.add_argument("--max-sweeps", type=integer(0), default=100, help="sweeps of the first stage at most")
+    p.add_argument("--refine-sweeps", type=integer(0), default=40, help="sweeps of each refinement at most")
+    p.add_argument("--patience", type=integer(), default=3, help="sweeps without improvement before stopping")
+    p.add_argument(
+        "--init",
+        default="auto",
+        choices=["auto", "uniform_time", "karras", "uniform_logsnr"],
+        help="the first stage's starting schedule",
+    )
+    p.add_argument("--importance-c", type=finite_float, default=0.5, help="importance sampling constant of the KLUB")
+    p.add_argument("--power", type=int, default=1, choices=[1, 2], help="power of the KLUB weights")
+    p.add_argument("--seed", type=seed, default=0, help="seed of the search")
+    p.add_argument("--batch-size", type=integer(), default=4096, help="data samples per network call")
+    p.add_argument("--device", type=device, default=None, help="torch device, e.g. cpu or cuda:0 (default: cpu)")
+    p.add_argument("--quiet", action="store_true", help="no progress log")
+    set_command(p, _schedule_optimize, outputs=("output", "checkpoint", "plot"))
 
 
-def _fid(args: argparse.Namespace) -> int:
-    from .fid_job import run_and_report
+def _add_schedule_show(cmds: Any) -> None:
+    p = _command(cmds, "show", "print (and plot) a learned schedule")
+    p.add_argument("path", help="a learned schedule (.safetensors)")
+    p.add_argument(
+        "--steps", type=integer(), default=None, help="also print the schedule interpolated to this many steps"
+    )
+    p.add_argument("--final", default="replace", choices=["replace", "append", "sigma_min"], help="the last level")
+    _plot_argument(p, "write a plot of the schedule here (.png, .pdf, .svg, …)")
+    set_command(p, _schedule_show, outputs=("plot",))
 
-    return run_and_report(args)
+
+def _add_schedule(sub: Any) -> None:
+    group = _command(sub, "schedule", "Align Your Steps schedules: published (ays), learned (optimize), inspect (show)")
+    cmds = add_commands(group, "schedule_command")
+    _add_schedule_ays(cmds)
+    _add_schedule_optimize(cmds)
+    _add_schedule_show(cmds)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="diffsamplers", description="Diffusion-model samplers that drop into diffusers."
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("compare", help="solver error vs the exact ODE solution on the bundled Gaussian mixture")
-    p.add_argument("--nfe", type=int, nargs="+", default=[5, 6, 8, 10, 15, 20, 50], help="model evaluations per sample")
-    p.add_argument("--num-samples", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--methods", default=None, help="only methods whose name contains this text")
-    p.add_argument("--json", default=None, help="write the table as JSON here")
-    p.add_argument("--plot", default=None, help="write a log-log plot (PNG) here")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=_compare)
-
-    p = sub.add_parser("sample", help="a grid of samples (default: the bundled digits model, one row per digit)")
-    p.add_argument("--model", default="digits", help="'digits' or a diffusers pipeline folder (unet/ + scheduler/)")
-    p.add_argument("--solver", default="dpm++2m")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--schedule", default="linspace")
-    p.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale")
-    p.add_argument("--classes", default=None, help="comma-separated digits, one row each (default 0..9)")
-    p.add_argument("--per-class", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", default="samples.png")
-    p.add_argument("--device", default=None)
-    p.set_defaults(func=_sample)
-
-    p = sub.add_parser("eval", help="FD-digits and class accuracy vs NFE for several solvers (ours and diffusers')")
-    p.add_argument("--nfe", type=int, nargs="+", default=[5, 10, 20])
-    p.add_argument("--num-samples", type=int, default=500)
-    p.add_argument("--guidance", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--methods", default=None, help="only methods whose name contains this text")
-    p.add_argument("--json", default=None)
-    p.add_argument("--plot", default=None)
-    p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=_eval)
-
-    from .fid_job import build_parser as fid_parser
-
-    p = sub.add_parser("fid", help="sharded, resumable FID / FD-digits of one sampler (= scripts/eval_fid.py)")
-    fid_parser(p)
-    p.set_defaults(func=_fid)
-
-    _add_schedule_commands(sub)
+    parser = CommandParser(prog="diffsamplers", description="Diffusion-model samplers that drop into diffusers.")
+    sub = add_commands(parser, "command")
+    for add in (_add_compare, _add_sample, _add_eval, _add_fid, _add_schedule):
+        add(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args))
-    except (ValueError, TypeError, FileNotFoundError) as err:
-        print(f"diffsamplers {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    """Run ``diffsamplers``; the exit status (2: bad input, reported in one line)."""
+    return run_command(build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 This is ``scripts/eval_fid.py`` and ``diffsamplers fid``. It runs on one process or many, with accelerate::
 
-    python scripts/eval_fid.py --model digits --solver dpm++2m --steps 20 --num-samples 10000 --out runs/dpm20
+    python scripts/eval_fid.py --model digits --solver dpm++2m --steps 20 --num-samples 10000 --output runs/dpm20
     accelerate launch scripts/eval_fid.py ...                  # all GPUs of a machine (or several machines)
     torchrun --nproc_per_node 2 scripts/eval_fid.py ...        # several CPU processes
 
@@ -29,6 +29,16 @@ from ..data.digits import load_digits_dataset, to_uint8
 from ..metrics.features import DigitsFeatures, InceptionFeatures, ModuleFeatures
 from ..metrics.frechet import FeatureStats, frechet_distance, load_stats, save_stats
 from ..metrics.shards import ShardRun
+from .arguments import (
+    CommandParser,
+    add_output,
+    add_sampler_arguments,
+    integer,
+    output_file,
+    output_folder,
+    run_command,
+    set_command,
+)
 from .registry import load_model
 from .samplers import make_sampler
 
@@ -113,34 +123,43 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    p = parser or argparse.ArgumentParser(
-        description="Sample N images in resumable shards and compute a Fréchet distance."
+    """The job's arguments on ``parser`` (``diffsamplers fid``), or a parser of its own (``scripts/eval_fid.py``)."""
+    p = parser or CommandParser(description="Sample N images in resumable shards and compute a Fréchet distance.")
+    add_sampler_arguments(
+        p,
+        guidance=1.0,
+        guidance_help="classifier-free guidance scale of class-conditional models, > 0, 1 = none",
+        classes_help="comma-separated class labels to cycle through (default: all classes)",
     )
-    p.add_argument("--model", default="digits", help="'digits' or a diffusers pipeline folder (unet/ + scheduler/)")
-    p.add_argument("--solver", default="dpm++2m", help="one of ours (dpm++2m, ddim, …) or diffusers:<SchedulerClass>")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument(
-        "--schedule", default="linspace", help="linspace|leading|trailing|uniform_time|uniform_logsnr|karras|…"
-    )
-    p.add_argument(
-        "--guidance", type=float, default=1.0, help="classifier-free guidance scale (class-conditional models)"
-    )
-    p.add_argument("--classes", default=None, help="comma-separated classes to cycle through (default: all)")
-    p.add_argument("--num-samples", type=int, default=1000)
-    p.add_argument("--batch-size", type=int, default=250)
-    p.add_argument("--shard-size", type=int, default=250)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-samples", type=integer(2), default=1000, help="samples (at least 2, for a covariance)")
+    p.add_argument("--batch-size", type=integer(), default=250, help="samples per network call")
+    p.add_argument("--shard-size", type=integer(), default=250, help="samples per shard file")
     p.add_argument("--metric", default="fd-digits", help="fd-digits | fid | module:pkg.mod:factory")
     p.add_argument("--inception-weights", default=None, help="path to the FID Inception weights (.pth)")
     p.add_argument("--ref-stats", default=None, help="reference .npz (mu, sigma); written here if missing for digits")
-    p.add_argument("--save-stats", default=None, help="also write the samples' statistics to this .npz")
-    p.add_argument("--out", required=True, help="shard directory (rerun with the same arguments to resume)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--save-stats", type=output_file(), default=None, help="also write the samples' statistics here")
+    add_output(
+        p,
+        "shard folder (rerun with the same arguments to resume)",
+        dest="out",
+        alias="--out",
+        metavar="FOLDER",
+        type=output_folder,
+        required=True,
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    set_command(p, run_and_report, outputs=("out", "save_stats"))
     return p
 
 
+def _check_reference(args: argparse.Namespace) -> None:
+    """Fail before sampling when ``--ref-stats`` names no file and the model cannot compute one (only digits can)."""
+    if args.ref_stats and args.model != "digits" and not Path(args.ref_stats).exists():
+        raise FileNotFoundError(f"--ref-stats: no such file {args.ref_stats} (only the digits model computes its own)")
+
+
 def run_and_report(args: argparse.Namespace) -> int:
+    _check_reference(args)
     result = run(args)
     if result is not None:
         fd = result.get("frechet_distance", math.nan)
@@ -154,4 +173,5 @@ def run_and_report(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_and_report(build_parser().parse_args(argv))
+    """``scripts/eval_fid.py``: the exit status (2: bad input, reported in one line)."""
+    return run_command(build_parser(), argv)

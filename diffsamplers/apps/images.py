@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["make_grid", "save_grid"]
+__all__ = ["image_suffixes", "make_grid", "save_grid"]
 
 
 def make_grid(images: torch.Tensor, rows: int, scale: int = 4, padding: int = 1) -> torch.Tensor:
@@ -28,11 +28,21 @@ def make_grid(images: torch.Tensor, rows: int, scale: int = 4, padding: int = 1)
     return grid.permute(1, 2, 0)
 
 
+def image_suffixes() -> frozenset[str]:
+    """File extensions Pillow can write (``.png``, ``.jpg``, …): what :func:`save_grid` accepts."""
+    from PIL import Image
+
+    Image.init()
+    return frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.SAVE)
+
+
 def save_grid(images: torch.Tensor, rows: int, path: str | Path, scale: int = 4) -> Path:
     from PIL import Image
 
-    grid = make_grid(images, rows, scale).numpy()
     path = Path(path)
+    if path.suffix.lower() not in image_suffixes():
+        raise ValueError(f"{path}: not an image file name Pillow can write (.png, .jpg, .webp, …)")
+    grid = make_grid(images, rows, scale).numpy()
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
     return path

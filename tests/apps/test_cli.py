@@ -7,8 +7,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from diffsamplers.apps.cli import main
+from diffsamplers.apps.arguments import CommandParser, output_file, run_command, set_command
+from diffsamplers.apps.cli import build_parser, main
+from diffsamplers.apps.fid_job import main as fid_main
+from diffsamplers.apps.recipes import describe_schedules, describe_solvers
+from diffsamplers.apps.registry import describe_models
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -55,16 +60,194 @@ def test_compare_table_output(capsys, tmp_path):
     assert "DPM-Solver++ 2M" in out and "diffusers DPM-Solver++ 2M" in out and "UniPC" not in out
 
 
+def one_line_error(argv, capsys) -> str:
+    """Run the command line; it must fail with exit status 2 and exactly one line on stderr, which is returned."""
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert len(lines) == 1, captured.err
+    return lines[0]
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["compare", "--nfe", "0"], "--nfe must be positive"),
-        (["compare", "--nfe", "5", "--methods", "nonexistent"], "no method matches"),
+        (["compare", "--nfe", "0"], "diffsamplers compare: error: --nfe must be a positive integer, got 0"),
+        (["compare", "--nfe", "5", "--methods", "nonexistent"], "--methods: no method matches 'nonexistent'"),
     ],
 )
 def test_compare_bad_arguments(argv, message, capsys):
-    assert main([*argv, "--quiet"]) == 2
-    assert message in capsys.readouterr().err
+    assert message in one_line_error([*argv, "--quiet"], capsys)
+
+
+# Each: the arguments, then what the one line must say (the flag and the value among it).
+BAD_ARGUMENTS = {
+    "no command": ([], ["diffsamplers: error: missing command", "compare, sample, eval, fid, schedule"]),
+    "schedule alone": (["schedule"], ["diffsamplers schedule: error: missing command", "ays, optimize, show"]),
+    "per-class": (["sample", "--per-class", "-1"], ["--per-class must be a positive integer, got -1"]),
+    "per-class text": (["sample", "--per-class", "many"], ["--per-class must be a positive integer, got many"]),
+    "steps": (["sample", "--steps", "0"], ["--steps must be a positive integer, got 0"]),
+    "seed": (["sample", "--seed", "-1"], ["--seed must be an integer in 0..", "got -1"]),
+    "seed text": (["compare", "--seed", "abc"], ["--seed must be an integer in 0..", "got abc"]),
+    "compare samples": (["compare", "--num-samples", "0"], ["--num-samples must be a positive integer, got 0"]),
+    "eval samples": (["eval", "--num-samples", "1"], ["--num-samples must be an integer >= 2, got 1"]),
+    "eval nfe": (["eval", "--nfe", "5", "x"], ["--nfe must be a positive integer, got x"]),
+    "fid samples": (["fid", "--num-samples", "1", "--output", "r"], ["--num-samples must be an integer >= 2, got 1"]),
+    "fid batch": (["fid", "--batch-size", "0", "--output", "r"], ["--batch-size must be a positive integer, got 0"]),
+    "optimize nfe": (["schedule", "optimize", "--nfe", "1", "--output", "s.safetensors"], ["--nfe must be", "got 1"]),
+    "ays steps": (["schedule", "ays", "--steps", "-4"], ["--steps must be a positive integer, got -4"]),
+    "guidance nan": (["sample", "--guidance", "nan"], ["--guidance must be a finite number > 0", "got nan"]),
+    "guidance inf": (["eval", "--guidance", "inf"], ["--guidance must be a finite number > 0", "got inf"]),
+    "guidance zero": (["sample", "--guidance", "0"], ["--guidance must be a finite number > 0", "got 0"]),
+    "guidance negative": (["fid", "--guidance", "-2", "--output", "r"], ["--guidance must be", "got -2"]),
+    "classes": (["sample", "--classes", "a,b"], ["--classes must be comma-separated integer class labels, got a,b"]),
+    "device string": (["sample", "--device", "gpu0"], ["--device must be a torch device", "got gpu0"]),
+    "device index": (["fid", "--device", "cuda:99", "--output", "r"], ["--device: cuda:99 is not available"]),
+    "device meta": (["sample", "--device", "meta"], ["--device: meta is not a device to sample on"]),
+    "solver": (["sample", "--solver", "dpm++9m"], ["--solver: unknown solver 'dpm++9m'", "dpm++2m"]),
+    "schedule": (["fid", "--schedule", "lin", "--output", "r"], ["--schedule: unknown schedule 'lin'", "karras"]),
+    "diffusers solver": (
+        ["schedule", "optimize", "--solver", "diffusers:DDIMScheduler", "--output", "s.safetensors"],
+        ["--solver: 'diffusers:DDIMScheduler' is a diffusers scheduler"],
+    ),
+    "fid output missing": (["fid"], ["diffsamplers fid: error: the following arguments are required: --output"]),
+    "optimize output missing": (["schedule", "optimize"], ["required: --output"]),
+    "optimize output extension": (
+        ["schedule", "optimize", "--out", "s.pt"],
+        ["--output: s.pt has the extension '.pt': a learned schedule needs .safetensors"],
+    ),
+    "image extension": (["sample", "--output", "grid.xyz"], ["--output: grid.xyz has the extension '.xyz'", ".png"]),
+    "no image extension": (["sample", "--output", "grid"], ["--output: grid has no file extension", ".png"]),
+    "plot extension": (
+        ["compare", "--plot", "c.txt"],
+        ["--plot: c.txt has the extension '.txt': a plot needs", ".svg"],
+    ),
+    "unknown command": (["smaple"], ["invalid choice: 'smaple'"]),
+    "unknown option": (["sample", "--steps", "3", "--guidnace", "2"], ["unrecognized arguments: --guidnace 2"]),
+    "library ValueError": (["schedule", "ays", "--model", "sd99"], ["schedule ays: error: ", "'sd99'"]),
+    "library FileNotFoundError": (
+        ["schedule", "show", "nowhere.safetensors"],
+        ["diffsamplers schedule show: error: no such file: nowhere.safetensors"],
+    ),
+}
+
+
+@pytest.mark.parametrize("argv, expected", BAD_ARGUMENTS.values(), ids=BAD_ARGUMENTS.keys())
+def test_bad_arguments_fail_in_one_line(argv, expected, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative outputs land here (none is written)
+    line = one_line_error(argv, capsys)
+    for text in expected:
+        assert text in line
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_cuda_without_cuda(capsys, tmp_path):
+    line = one_line_error(["sample", "--device", "cuda", "--output", str(tmp_path / "g.png")], capsys)
+    assert line == (
+        "diffsamplers sample: error: --device: cuda is not available on this machine "
+        "(torch.cuda.is_available() is False); use --device cpu"
+    )
+
+
+@pytest.mark.parametrize("command", [["sample"], ["fid"], ["schedule", "optimize"], ["schedule", "show", "s"]])
+def test_a_folder_is_not_an_output_file(command, capsys, tmp_path):
+    flag = "--plot" if command[-1] == "s" else "--output"
+    target = tmp_path / "a file"
+    target.write_text("")
+    if command == ["fid"]:  # fid's --output is a folder: a file is refused
+        assert one_line_error([*command, flag, str(target)], capsys).endswith(
+            f"--output: {target} is a file, not a folder"
+        )
+        return
+    assert f"{flag}: {tmp_path} is a folder; give a file name" in one_line_error(
+        [*command, flag, str(tmp_path)], capsys
+    )
+
+
+@pytest.mark.parametrize(
+    "command, flag",
+    [
+        (["compare"], "--plot"),
+        (["compare"], "--json"),
+        (["eval"], "--plot"),
+        (["sample"], "--output"),
+        (["fid"], "--output"),
+        (["fid", "--output", "r", "--save-stats"], None),
+        (["schedule", "optimize", "--checkpoint"], None),
+    ],
+)
+def test_outputs_are_checked_before_any_computation(command, flag, capsys, tmp_path):
+    """An output under a file cannot be written: refused at once, naming the flag and the path."""
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    name = "s.safetensors" if "optimize" in command else "x.png"
+    argv = [*command, *([flag] if flag else []), str(blocker / "sub" / name)]
+    line = one_line_error(argv, capsys)
+    assert f"cannot create the folder {blocker / 'sub'}" in line and line.endswith(f": {blocker} is a file")
+    assert f"{flag or command[-1]}: " in line
+
+
+def test_output_folders_are_created_before_the_command_runs(tmp_path):
+    parser = CommandParser(prog="job")
+    parser.add_argument("--plot", type=output_file({".png"}, "a plot"))
+    seen = []
+    set_command(parser, lambda args: seen.append(Path(args.plot).parent.is_dir()) or 0, outputs=("plot",))
+    assert run_command(parser, ["--plot", str(tmp_path / "new" / "deeper" / "p.png")]) == 0
+    assert seen == [True]
+
+
+def test_unconditional_model_takes_no_guidance_or_classes(capsys, tmp_path):
+    out = str(tmp_path / "g.png")
+    line = one_line_error(["sample", "--model", "gmm", "--guidance", "3", "--output", out], capsys)
+    assert line == "diffsamplers sample: error: --guidance: model 'gmm' is unconditional; it takes only 1, got 3"
+    line = one_line_error(["sample", "--model", "gmm", "--classes", "1", "--output", out], capsys)
+    assert line == "diffsamplers sample: error: --classes: model 'gmm' is unconditional; it takes no class labels"
+
+
+def test_eval_fid_script_reports_in_one_line(capsys, tmp_path):
+    assert fid_main(["--steps", "0", "--output", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].endswith("error: --steps must be a positive integer, got 0")
+
+
+@pytest.mark.parametrize("argv, dest", [(["fid"], "out"), (["schedule", "optimize"], "output")])
+def test_out_is_a_deprecated_alias_of_output(argv, dest, capsys, tmp_path):
+    path = str(tmp_path / "x.safetensors")
+    parser = build_parser()
+    assert getattr(parser.parse_args([*argv, "--output", path]), dest) == path
+    assert capsys.readouterr().err == ""
+    assert getattr(parser.parse_args([*argv, "--out", path]), dest) == path
+    assert capsys.readouterr().err.splitlines() == [
+        f"diffsamplers {' '.join(argv)}: warning: --out is deprecated, use --output"
+    ]
+    assert main([*argv, "--help"]) == 0
+    help_text = capsys.readouterr().out
+    assert "--output " in help_text and "--out " not in help_text and "--out," not in help_text
+
+
+def _flat(text: str) -> str:
+    return " ".join(text.split())
+
+
+@pytest.mark.parametrize(
+    "argv, defaults",
+    [
+        (["sample"], ["(default: dpm++2m)", "(default: linspace)", "(default: samples.png)", "(default: 8)"]),
+        (["fid"], ["(default: digits)", "(default: 1000)", "(default: fd-digits)", "(default: 1.0)"]),
+        (["schedule", "optimize"], ["(default: gmm)", "(default: dpm++2m)", "(default: 8192)"]),
+        (["compare"], ["(default: [5, 6, 8, 10, 15, 20, 50])", "(default: 64)"]),
+    ],
+)
+def test_help_shows_defaults_and_the_specs(argv, defaults, capsys):
+    assert main([*argv, "--help"]) == 0
+    out = _flat(capsys.readouterr().out)
+    for text in defaults:
+        assert text in out
+    if argv != ["compare"]:
+        assert _flat(describe_models()) in out and _flat(describe_solvers()) in out
+    if argv in (["sample"], ["fid"]):
+        assert _flat(describe_schedules()) in out
 
 
 def test_console_script_is_installed():

@@ -72,10 +72,12 @@ def test_sample_command_bad_class(tmp_path, tiny_pipeline_dir, capsys):  # noqa:
     assert (
         main(["sample", "--model", str(tiny_pipeline_dir), "--classes", "12", "--output", str(tmp_path / "x.png")]) == 2
     )
-    assert "--classes must be class labels in 0..9, got [12]" in capsys.readouterr().err
+    assert capsys.readouterr().err.splitlines() == [
+        "diffsamplers sample: error: --classes must be class labels in 0..9, got [12]"
+    ]
 
 
-def test_fid_command_runs_and_resumes(tmp_path, tiny_pipeline_dir):  # noqa: F811
+def test_fid_command_runs_and_resumes(tmp_path, tiny_pipeline_dir, capsys):  # noqa: F811
     args = [
         "fid",
         "--model",
@@ -88,20 +90,30 @@ def test_fid_command_runs_and_resumes(tmp_path, tiny_pipeline_dir):  # noqa: F81
         "3",
         "--metric",
         "module:tests.metrics.test_frechet_and_features:TinyFeatures",
-        "--out",
-        str(tmp_path / "run"),
         "--quiet",
     ]
-    assert main(args) == 0
-    first = json.loads((tmp_path / "run" / "result.json").read_text())
+    run = tmp_path / "new" / "run"  # its parent is created too
+    assert main([*args, "--output", str(run)]) == 0
+    first = json.loads((run / "result.json").read_text())
     assert first["num_samples"] == 6 and "frechet_distance" not in first  # no reference for a foreign model
-    assert main(args) == 0  # everything done: nothing regenerated, same result
-    assert json.loads((tmp_path / "run" / "result.json").read_text()) == first
+    capsys.readouterr()
+    assert main([*args, "--out", str(run)]) == 0  # the old flag; everything done: nothing regenerated, same result
+    assert json.loads((run / "result.json").read_text()) == first
+    assert "diffsamplers fid: warning: --out is deprecated, use --output" in capsys.readouterr().err
+
+
+def test_sample_command_unconditional_model(tmp_path, capsys):
+    """The exact mixture: no classes, guidance 1 by default, 12 samples in rows that they fill."""
+    out = tmp_path / "gmm.png"
+    assert main(["sample", "--model", "gmm", "--steps", "3", "--per-class", "12", "--output", str(out)]) == 0
+    assert Image.open(out).size == (12 * 33 + 1, 33 + 1)  # 8 px × 4, 1 px padding
+    assert "12 samples from gmm with dpm++2m, 3 steps (linspace), guidance 1, seed 0" in capsys.readouterr().out
 
 
 def test_unknown_model_folder(tmp_path, capsys):
     assert main(["sample", "--model", str(tmp_path), "--output", str(tmp_path / "x.png")]) == 2
-    assert "is not a diffusers pipeline folder" in capsys.readouterr().err
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"diffsamplers sample: error: {tmp_path} is not a diffusers pipeline")
 
 
 def test_eval_command_small_run(tmp_path, capsys):
