@@ -96,22 +96,17 @@ def _cuda_syncs(fn: Callable[[torch.Tensor], torch.Tensor], latents: torch.Tenso
     return count_cuda_syncs(lambda: fn(latents))[1]
 
 
-def main() -> None:
-    import diffusers
+#: The loops every ratio is taken against.
+BASELINE, UNIPC_BASELINE = "diffusers DPMSolverMultistepScheduler", "diffusers UniPCMultistepScheduler"
+
+
+def build_loops() -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """The timed loops by label: ours (``sample()`` and our schedulers) and diffusers' schedulers."""
     from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler, UniPCMultistepScheduler
 
-    import diffsamplers
     from diffsamplers import DCSolver, DCSolverScheduler, DPMSolverPlusPlusScheduler, UniPC
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", nargs="+", default=None, help="devices (default: cpu, and cuda if present)")
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 16])
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--json", default=None)
-    args = parser.parse_args()
-    devices = args.device or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
-
-    loops = {
+    return {
         "diffsamplers sample(), DPM-Solver++ 2M": _our_loop(2),
         "diffsamplers sample(), 2M, check_finite=False": _our_loop(2, check_finite=False),
         "diffsamplers sample(), DPM-Solver++ 3M": _our_loop(3),
@@ -127,46 +122,70 @@ def main() -> None:
         "diffusers UniPCMultistepScheduler": _diffusers_loop(UniPCMultistepScheduler),
         "diffusers EulerDiscreteScheduler": _diffusers_loop(EulerDiscreteScheduler),
     }
-    baseline = "diffusers DPMSolverMultistepScheduler"
-    unipc = "diffusers UniPCMultistepScheduler"
+
+
+def measure_device(
+    device: str,
+    batches: list[int],
+    repeats: int,
+    loops: dict[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
+) -> list[dict]:
+    """One row per loop on ``device`` (printed as a table): ms/step per batch, the ratios to diffusers'
+    DPMSolverMultistep and UniPCMultistep, host reads per run and, on CUDA, synchronising calls per run."""
+    loops = build_loops() if loops is None else loops
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine()
+    print(f"\n## {device} ({name}), {dtype}, {STEPS} steps, latents (B, 4, 64, 64)")
+    header = f"{'loop':<58}" + "".join(f"{'ms/step B=' + str(b):>16}{'vs DPM':>8}{'vs UniPC':>9}" for b in batches)
+    header += f"{'host reads/run':>16}" + (f"{'CUDA syncs/run':>16}" if device == "cuda" else "")
+    print(header)
+    results = {}
+    for b in batches:
+        latents = torch.randn(b, 4, 64, 64, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+        for label, ms in _time_all(loops, latents, repeats).items():
+            results[(label, b)] = ms
+    latents = torch.randn(1, 4, 64, 64).to(device, dtype)
     rows = []
-    for device in devices:
-        dtype = torch.float16 if device == "cuda" else torch.float32
-        name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine()
-        print(f"\n## {device} ({name}), {dtype}, {STEPS} steps, latents (B, 4, 64, 64)")
-        header = f"{'loop':<58}" + "".join(
-            f"{'ms/step B=' + str(b):>16}{'vs DPM':>8}{'vs UniPC':>9}" for b in args.batch
-        )
-        header += f"{'host reads/run':>16}" + (f"{'CUDA syncs/run':>16}" if device == "cuda" else "")
-        print(header)
-        results = {}
-        for b in args.batch:
-            latents = torch.randn(b, 4, 64, 64, generator=torch.Generator().manual_seed(0)).to(device, dtype)
-            for label, ms in _time_all(loops, latents, args.repeats).items():
-                results[(label, b)] = ms
-        latents = torch.randn(1, 4, 64, 64).to(device, dtype)
-        for label, fn in loops.items():
-            line = f"{label:<58}"
-            row = {
-                "device": device,
-                "device_name": name,
-                "loop": label,
-                "ms_per_step": {},
-                "ratio_vs_dpm": {},
-                "ratio_vs_unipc": {},
-            }
-            for b in args.batch:
-                ms = results[(label, b)]
-                ratio, ratio_unipc = ms / results[(baseline, b)], ms / results[(unipc, b)]
-                row["ms_per_step"][b], row["ratio_vs_dpm"][b], row["ratio_vs_unipc"][b] = ms, ratio, ratio_unipc
-                line += f"{ms:>16.3f}{ratio:>8.2f}{ratio_unipc:>9.2f}"
-            row["host_reads_per_run"] = _host_reads(fn, latents)
-            line += f"{row['host_reads_per_run']:>16d}"
-            if device == "cuda":
-                row["cuda_syncs_per_run"] = _cuda_syncs(fn, latents)
-                line += f"{row['cuda_syncs_per_run']:>16d}"
-            print(line)
-            rows.append(row)
+    for label, fn in loops.items():
+        line = f"{label:<58}"
+        row = {
+            "device": device,
+            "device_name": name,
+            "loop": label,
+            "ms_per_step": {},
+            "ratio_vs_dpm": {},
+            "ratio_vs_unipc": {},
+        }
+        for b in batches:
+            ms = results[(label, b)]
+            ratio, ratio_unipc = ms / results[(BASELINE, b)], ms / results[(UNIPC_BASELINE, b)]
+            row["ms_per_step"][b], row["ratio_vs_dpm"][b], row["ratio_vs_unipc"][b] = ms, ratio, ratio_unipc
+            line += f"{ms:>16.3f}{ratio:>8.2f}{ratio_unipc:>9.2f}"
+        row["host_reads_per_run"] = _host_reads(fn, latents)
+        line += f"{row['host_reads_per_run']:>16d}"
+        if device == "cuda":
+            row["cuda_syncs_per_run"] = _cuda_syncs(fn, latents)
+            line += f"{row['cuda_syncs_per_run']:>16d}"
+        print(line)
+        rows.append(row)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    import diffusers
+
+    import diffsamplers
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", nargs="+", default=None, help="devices (default: cpu, and cuda if present)")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    devices = args.device or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+
+    loops = build_loops()
+    rows = [row for device in devices for row in measure_device(device, args.batch, args.repeats, loops)]
     meta = {
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,

@@ -96,44 +96,62 @@ def measure(unet, config: dict, batch: int, device: torch.device, dtype: torch.d
     }
 
 
-def main() -> None:
-    from diffusers import DDPMScheduler
+def dtype_for(device: torch.device) -> torch.dtype:
+    """The benchmark's dtype: fp16 on CUDA, fp32 elsewhere."""
+    return torch.float16 if device.type == "cuda" else torch.float32
 
+
+def load_unet(name: str, device: torch.device) -> torch.nn.Module:
+    """The ``digits`` or ``cifar`` UNet on ``device`` in the benchmark's dtype, in eval mode."""
     from diffsamplers.models.digits import load_digits
 
+    return (load_digits().unet if name == "digits" else cifar_unet()).to(device, dtype_for(device)).eval()
+
+
+def print_header() -> None:
+    print(
+        f"{'model':<8}{'batch':>7}{'ours img/s':>12}{'diffusers img/s':>17}{'ratio':>7}"
+        f"{'sched. share ours':>19}{'sched. share diffusers':>24}"
+    )
+
+
+def throughput_row(name: str, unet: torch.nn.Module, batch: int, device: torch.device, repeats: int) -> dict:
+    """Images/s of our loop and diffusers' pipeline, and the scheduler's share of each, at one batch (printed)."""
+    from diffusers import DDPMScheduler
+
+    t = measure(unet, dict(DDPMScheduler().config), batch, device, dtype_for(device), repeats)
+    row = {
+        "model": name,
+        "batch": batch,
+        "device": str(device),
+        "ours_images_per_s": batch / t["ours"],
+        "diffusers_images_per_s": batch / t["diffusers"],
+        "scheduler_share_ours": max(0.0, 1 - t["model"] / t["ours"]),
+        "scheduler_share_diffusers": max(0.0, 1 - t["model"] / t["diffusers"]),
+    }
+    print(
+        f"{name:<8}{batch:>7}{row['ours_images_per_s']:>12.1f}{row['diffusers_images_per_s']:>17.1f}"
+        f"{t['diffusers'] / t['ours']:>7.2f}{row['scheduler_share_ours']:>19.1%}{row['scheduler_share_diffusers']:>24.1%}"
+    )
+    return row
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch", type=int, nargs="+", default=[64, 256, 1024])
     parser.add_argument("--models", nargs="+", default=["digits", "cifar"], choices=["digits", "cifar"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     device = torch.device(args.device)
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
 
     rows = []
-    print(
-        f"{'model':<8}{'batch':>7}{'ours img/s':>12}{'diffusers img/s':>17}{'ratio':>7}"
-        f"{'sched. share ours':>19}{'sched. share diffusers':>24}"
-    )
+    print_header()
     for name in args.models:
-        unet = (load_digits().unet if name == "digits" else cifar_unet()).to(device, dtype).eval()
+        unet = load_unet(name, device)
         for batch in args.batch:
-            t = measure(unet, dict(DDPMScheduler().config), batch, device, dtype, args.repeats)
-            row = {
-                "model": name,
-                "batch": batch,
-                "device": str(device),
-                "ours_images_per_s": batch / t["ours"],
-                "diffusers_images_per_s": batch / t["diffusers"],
-                "scheduler_share_ours": max(0.0, 1 - t["model"] / t["ours"]),
-                "scheduler_share_diffusers": max(0.0, 1 - t["model"] / t["diffusers"]),
-            }
-            rows.append(row)
-            print(
-                f"{name:<8}{batch:>7}{row['ours_images_per_s']:>12.1f}{row['diffusers_images_per_s']:>17.1f}"
-                f"{t['diffusers'] / t['ours']:>7.2f}{row['scheduler_share_ours']:>19.1%}{row['scheduler_share_diffusers']:>24.1%}"
-            )
+            rows.append(throughput_row(name, unet, batch, device, args.repeats))
     if args.json:
         with open(args.json, "w") as f:
             name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
