@@ -5,7 +5,7 @@ ship as safetensors + JSON inside the package:
 
 * ``assets/digits/`` — a diffusers pipeline folder (``model_index.json``, ``unet/``, ``scheduler/``) with a
   ``UNet2DModel`` (16×16, 1 channel, 11 class embeddings: digits 0–9 and the null class 10 for
-  classifier-free guidance) trained with DDPM's linear β schedule on ε-prediction. It loads with diffusers'
+  classifier-free guidance) trained with DDPM's linear β schedule on v-prediction. It loads with diffusers'
   own ``UNet2DModel.from_pretrained`` / :class:`diffsamplers.adapters.DigitsPipeline.from_pretrained`;
 * ``assets/digits_classifier/`` — :class:`DigitsClassifier` (held-out accuracy in its ``config.json``).
 """
