@@ -94,13 +94,18 @@ def test_first_commands_are_the_ones_ci_runs():
     assert len(commands) == 2, f"the first code block must hold exactly two commands, got {commands}"
     first, second = ([shlex.split(part) for part in line.split("&&")] for line in commands)
 
-    installs = [args for args in map(_pip_install_arguments, _ci_commands()) if args and args != ["pip"]]
-    torch_pin = next(args for args in installs if args[0].startswith("torch=="))
-    extras = next(args for args in installs if args[:1] == ["-e"])
-    test_command = next((c for c in _ci_commands() if c[0] == "pytest"), None)
+    ci = _ci_commands()
+    installs = [args for args in map(_pip_install_arguments, ci) if args and args != ["pip"]]
+    first_install = next(args for args in installs if args[0].startswith("torch=="))
+    extras = next(args for args in installs if args[:1] == ["-e"] and args != first_install)
+    test_command = next((c for c in ci if c[0] == "pytest"), None)
     assert test_command is not None, ".ci/run should run the tests with pytest"
+    runs_main_job = any(
+        "diffsamplers" in c and c[c.index("diffsamplers") + 1 : c.index("diffsamplers") + 2] == ["sample"] for c in ci
+    )
+    assert runs_main_job, ".ci/run should run the README's main job, `diffsamplers sample`"
 
-    assert first == [["pip", "install", *torch_pin, "-e", "."], ["diffsamplers", "sample"]], commands[0]
+    assert first == [["pip", "install", *first_install], ["diffsamplers", "sample"]], commands[0]
     assert second == [["pip", "install", *extras], test_command], commands[1]
     assert re.search(r"^diffsamplers\s*=", (ROOT / "pyproject.toml").read_text(encoding="utf-8"), re.M), (
         "pyproject.toml must install the `diffsamplers` command"
