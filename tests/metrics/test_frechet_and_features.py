@@ -53,7 +53,11 @@ def test_torchmetrics_fid_path_matches_scipy():
     scipy_value = _scipy_frechet(features(fake).numpy(), features(real).numpy())
     assert ours == pytest.approx(scipy_value, abs=1e-6)
     assert torchmetrics_value == pytest.approx(scipy_value, abs=1e-5)
-    assert ours > 0.01  # the distributions differ
+    # the distributions differ: the mirrored digits are farther from the training digits than as many held-out
+    # digits are (finite-sample FD of the same distribution; measured 0.0114 against 0.0052 for this tiny net)
+    held_out = to_uint8(load_digits_dataset("test")[0][:200])
+    same = frechet_distance(*_mu_sigma(features(held_out)), *_mu_sigma(features(real)))
+    assert ours > 2 * same > 0
 
 
 def _mu_sigma(f):

@@ -48,4 +48,10 @@ def test_time_shift_table_on_digits_without_reference(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) == 2 and "fd-digits" in r.stdout and "rms" not in r.stdout.split("\n\n", 1)[-1]
     for by_n in rows.values():
-        assert set(by_n["3"]) == {"fd-digits"} and by_n["3"]["fd-digits"] > 0
+        assert set(by_n["3"]) == {"fd-digits"}
+    plain, shifted = (by_n["3"]["fd-digits"] for by_n in rows.values())
+    # cut-off 550 on a 3-step trailing grid (999, 666, 333): no update may shift, so the rows are the same sampler
+    assert shifted == plain
+    # digit-like samples: 80 held-out real digits score 66–143 (finite-sample bias), N(0, I) noise images 2,417;
+    # 3 DDIM steps measured 178.8
+    assert 30 < plain < 400

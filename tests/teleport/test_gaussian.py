@@ -22,6 +22,9 @@ from diffsamplers.teleport.statistics import (
 )
 from tests.helpers import rms
 
+# Small-tensor ops (SciPy's ODE right-hand sides above all): one thread, see the fixture.
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 def _random_stats(d=6, rank=None, rho=0.0, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -95,7 +98,9 @@ def test_statistics_from_data_tensor_and_stream():
     assert torch.allclose(streamed.covariance(), exact.covariance(), atol=1e-12)
     # Low rank + isotropic from the exact covariance keeps the total variance.
     low = exact.truncate(16)
-    assert low.rank == 16 and low.residual_variance > 0
+    eig = torch.linalg.eigvalsh(torch.cov(flat.T)).flip(0)  # descending
+    assert low.rank == 16 and torch.allclose(low.eigvals, eig[:16], rtol=1e-9)
+    assert low.residual_variance == pytest.approx(float(eig[16:].mean()), rel=1e-9)  # the discarded variance, spread
     assert float(low.eigvals.sum()) + low.residual_variance * (256 - 16) == pytest.approx(float(flat.var(0).sum()))
     # The single-pass Nyström sketch finds the leading eigenpairs and the exact trace.
     sketch = GaussianStatistics.from_data((x[i : i + 300] for i in range(0, 1797, 300)), rank=16, method="sketch")
@@ -192,7 +197,12 @@ def test_skip_criterion_and_handover_on_the_mixture():
     assert rms(landed, truth) < 0.02 * scale
     tele = GaussianTeleport(stats, tolerance=0.05)
     out = tele.sample(den, DPMSolverPlusPlus(2), sched, x_T=x_T.float(), progress=False)
-    assert tele.last_choice.skip == loose.skip and out.shape == x_T.shape and torch.isfinite(out).all()
+    assert tele.last_choice.skip == loose.skip and out.shape == x_T.shape
+    # the saving at equal error: 20 − skip evaluations end as close to the exact solution as all 20 do
+    # (measured: skip 9, RMS 0.00872 teleported against 0.00875 plain)
+    plain = sample(den, DPMSolverPlusPlus(2), sched, x_T=x_T.float(), progress=False)
+    final = reference_solution(gmm, process, x_T, float(sched.sigmas[0]), 0.0)
+    assert rms(out, final) < 1.05 * rms(plain, final) and rms(out, plain) < 0.1 * rms(plain, final)
     with pytest.raises(ValueError, match="skip must be a non-negative integer"):
         GaussianTeleport(stats, skip=-1)
     with pytest.raises(ValueError, match="cannot skip 20 of the schedule's 20"):

@@ -1,6 +1,8 @@
 """Align Your Steps optimisation: the KLUB estimator against closed forms, the search, checkpoints, files, CLI."""
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,8 +12,7 @@ from scipy.optimize import minimize
 from diffsamplers import Denoiser, DPMSolverPlusPlus, sample
 from diffsamplers.apps.cli import main
 from diffsamplers.data import load_digits_dataset
-from diffsamplers.metrics.errors import rms_error
-from diffsamplers.models.gmm import default_mixture, default_process, reference_solution
+from diffsamplers.models.gmm import default_mixture, default_process
 from diffsamplers.noise import VarianceExploding
 from diffsamplers.schedules import karras, uniform_logsnr, uniform_time
 from diffsamplers.schedules.learned import LearnedSchedule
@@ -173,36 +174,89 @@ def test_cli_ays_and_optimize(tmp_path, capsys):
     assert main([*args, "--plot", str(tmp_path / "gmm.png")]) == 0
     learned = LearnedSchedule.load(path)
     assert sorted(learned.stages) == [3, 6] and learned.metadata["solver"] == "dpm++2m"
-    assert (tmp_path / "gmm.png").stat().st_size > 10_000
+    from PIL import Image
+
+    with Image.open(tmp_path / "gmm.png") as image:  # schedules and the KLUB per sweep, 2 × 5.5 × 4.2 in at 120 dpi
+        assert image.format == "PNG" and image.size == (1320, 504)
+        image.verify()
     assert main(["schedule", "show", str(path), "--steps", "5"]) == 0
     assert "5-step schedule" in capsys.readouterr().out
     assert main(["schedule", "optimize", "--model", "nope", "--out", str(path)]) == 2
 
 
-@pytest.mark.slow
-def test_learned_schedule_beats_hand_made_ones_on_the_mixture():
-    """The README claim at NFE 10 (DPM-Solver++ 2M, exact mixture, 256 held-out noises)."""
-    gmm, process = default_mixture(), default_process()
-    den = gmm.as_denoiser(process)
-    x_val = torch.randn(256, 1, 8, 8, generator=torch.Generator().manual_seed(1_000_003), dtype=torch.float64)
-    metric = SolverErrorMetric(
-        den, DPMSolverPlusPlus(2), x_val.float(), reference_solution(gmm, process, x_val, 157.40726936571164, 0.0)
+DOCS_AYS = Path(__file__).resolve().parents[2] / "docs" / "ays"
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for this test only (the reference's many small torch ops: 6–10× faster on a busy
+    2-core machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_published_learned_schedules_on_the_mixture():
+    """The AYS table on the mixture (``docs/ays/gmm_dpm++2m.json``, written by ``python scripts/ays_table.py
+    --model gmm --solver dpm++2m --nfe 5 7 10``; docs/align_your_steps.md) from the published learned schedules
+    (``docs/ays/gmm_dpm++2m_nfe{5,7,10}.safetensors``), recomputed the script's way — its 512 evaluation noises
+    (seed 7) and 1,000-step reference, DPM-Solver++ 2M — and the claims the numbers support: the schedule learned
+    at each NFE beats uniform time and both Karras variants at 5, 7 and 10 steps and uniform logSNR at 5 and 7;
+    the 10-step schedule interpolated to 5 and 7 steps does not beat uniform logSNR there.
+
+    Learning a schedule takes 5–35 min on one thread, so this checks the published ones. At 10 steps the learned
+    schedule does *not* beat uniform logSNR on these noises (0.0489 against 0.0458); on the noises of the table's
+    first version (float64 draws from seed 7, SciPy's solution) it did (0.0428 against 0.0498): over six sets
+    of 512 noises it wins on three and loses on three (pooled 0.0428 against 0.0460). With other optimiser seeds
+    (data seed 3, stopping noises from seed 1_000_003) the learned 10-step schedule scored 0.0574 there, behind
+    0.0498. At 5 and 7 steps it won on every set."""
+    from diffsamplers.apps.evaluation import evaluate, validation_set
+    from diffsamplers.apps.registry import load_model
+
+    published = json.loads((DOCS_AYS / "gmm_dpm++2m.json").read_text())
+    args = published["args"]
+    assert (args["model"], args["solver"], args["nfe"]) == ("gmm", "dpm++2m", [5, 7, 10])
+    learned = {n: LearnedSchedule.load(DOCS_AYS / f"gmm_dpm++2m_nfe{n}.safetensors") for n in (5, 7, 10)}
+    for n, schedule in learned.items():  # learned with the settings the JSON records
+        settings = schedule.metadata["settings"]
+        assert (schedule.metadata["model"], schedule.metadata["solver"]) == ("gmm", "dpm++2m")
+        assert (settings["num_samples"], settings["seed"]) == (args["num_samples"], args["seed"])
+        assert settings["refinements"] == (args["refinements"] if n == 10 else 0)
+    assert sorted(learned[10].stages) == [10, 20, 40]
+    bundle = load_model("gmm")
+    process = bundle.process
+    evaluation = validation_set(
+        bundle, args["eval_samples"], args["eval_seed"], reference_steps=args["reference_steps"]
     )
-    settings = AYSSettings(num_steps=10, refinements=0, num_samples=2048)
-    learned = optimize_schedule(
-        den, gmm.sample(8192, generator=torch.Generator().manual_seed(3)), settings, metric=metric, log=None
-    )
-    x_T = torch.randn(512, 1, 8, 8, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
-    exact = reference_solution(gmm, process, x_T, process.sigma_max, 0.0)
-    err = lambda s: rms_error(sample(den, DPMSolverPlusPlus(2), s, x_T=x_T.float(), progress=False), exact)  # noqa: E731
-    ours = err(learned.schedule(10))
-    for base in (
-        uniform_time(process, 10),
-        uniform_logsnr(process, 10),
-        karras(process, 10),
-        karras(process, 10, final="zero"),
-    ):
-        assert ours < err(base)
+    schedules = {
+        "uniform time": lambda n: uniform_time(process, n),
+        "uniform logSNR": lambda n: uniform_logsnr(process, n),
+        "Karras ρ=7 (σ_min, then 0)": lambda n: karras(process, n),
+        "Karras ρ=7 (last → 0)": lambda n: karras(process, n, final="zero"),
+        "AYS learned at this NFE": lambda n: learned[n].schedule(n),
+        "AYS learned 10→20→40, interpolated": lambda n: learned[10].schedule(n),
+    }
+    assert set(published["rows"]) == set(schedules)
+
+    def rms(schedule):
+        def run(x_T, cond):
+            solver = DPMSolverPlusPlus(2)
+            return sample(bundle.denoiser, solver, schedule, x_T=x_T, cond=cond, batch_size=1024, progress=False)
+
+        return evaluate(bundle, evaluation, run)["rms"]
+
+    errors = {name: [rms(build(n)) for n in (5, 7, 10)] for name, build in schedules.items()}
+    for name, row in errors.items():
+        printed = [published["rows"][name][str(n)]["rms"] for n in (5, 7, 10)]
+        assert row == pytest.approx(printed, rel=1e-4), name  # float32 sampling, thread counts
+    ours = errors["AYS learned at this NFE"]
+    for name in ("uniform time", "Karras ρ=7 (σ_min, then 0)", "Karras ρ=7 (last → 0)"):
+        assert all(a < b for a, b in zip(ours, errors[name])), name
+    interpolated, logsnr = errors["AYS learned 10→20→40, interpolated"], errors["uniform logSNR"]
+    assert ours[0] < logsnr[0] and ours[1] < logsnr[1]
+    assert interpolated[0] > logsnr[0] and interpolated[1] > logsnr[1]
 
 
 def test_optimize_a_saved_diffusers_pipeline(tmp_path):
