@@ -123,7 +123,8 @@ class Guidance:
 
     A sequence of guidances composes in order. ``needs_grad = True`` makes :func:`predict` evaluate the model
     on ``x.requires_grad_()`` under ``torch.enable_grad()``, so that ``guide_x0`` can differentiate x̂0 with
-    respect to x (and only then is a graph built).
+    respect to x (and only then is a graph built); a hook that calls ``torch.autograd.grad`` should pass
+    ``retain_graph=True`` when the run itself keeps a graph (``sample(..., enable_grad=True)``).
     """
 
     needs_grad: bool = False
@@ -258,13 +259,15 @@ class SamplingRun:
         return replace(self, state=self.state.copy(), finite=None, callback=None)
 
     def reindex(self, index: torch.Tensor) -> None:
-        """Keep the samples ``index`` (e.g. resampled particles' ancestors): the solver state and the
-        per-sample conditions are gathered with the same indices; the caller gathers x."""
+        """Keep the samples ``index`` (e.g. resampled particles' ancestors), as many as before: the solver state
+        and the per-sample conditions are gathered with the same indices; the caller gathers x."""
         batch = len(self.rows)
+        if index.ndim != 1 or index.numel() != batch:
+            raise ValueError(f"reindex keeps the batch size {batch}: got an index of shape {tuple(index.shape)}")
         self.state = self.state.index_select(index)
         self.cond = _gather_cond(self.cond, index, batch)
         self.uncond = _gather_cond(self.uncond, index, batch)
-        if self.finite is not None and index.numel() == batch:
+        if self.finite is not None:
             self.finite.sums = self.finite.sums.index_select(1, index.to(self.finite.sums.device))
 
 
@@ -296,7 +299,8 @@ class Move:
         (sample b's candidates are rows b·copies … b·copies + copies − 1) and the matching solver states.
 
         Each candidate draws its own noise from its sample's random stream (the stream advances by
-        ``copies`` draws); a deterministic step gives ``copies`` equal candidates.
+        ``copies`` draws); a deterministic step gives ``copies`` equal candidates. The step's planned
+        compensation is replayed, not one passed to :func:`advance` explicitly (the ratio search's).
         """
         if int(copies) < 1:
             raise ValueError(f"copies must be at least 1, got {copies}")
