@@ -31,6 +31,8 @@ __all__ = [
     "RectifiedFlow",
     "noise_process_from_config",
     "betas_from_schedule",
+    "beta_schedule_tables",
+    "ZERO_TERMINAL_ALPHA_BAR",
 ]
 
 ArrayLike = float | np.ndarray
@@ -187,12 +189,45 @@ def betas_from_schedule(
     betas_np = betas.numpy()
     if rescale_betas_zero_snr:
         betas_np = _rescale_zero_terminal_snr(betas_np)
-    # A zero-terminal-SNR schedule ends with β = 1 (ᾱ = 0), which from_beta_schedule replaces by 2⁻²⁴.
+    # A zero-terminal-SNR schedule ends with β = 1 (ᾱ = 0); beta_schedule_tables then sets ᾱ to 2⁻²⁴.
     upper = betas_np <= 1 if rescale_betas_zero_snr else betas_np < 1
     if not np.all(np.isfinite(betas_np)) or np.any(betas_np <= 0) or not np.all(upper):
         bad = betas_np[~((betas_np > 0) & upper)]
         raise ValueError(f"betas must lie in (0, 1); got values such as {bad[:3].tolist()}")
     return betas_np
+
+
+#: ᾱ at the last training step of a zero-terminal-SNR schedule: diffusers' "close to 0 without being 0" (2⁻²⁴, the
+#: smallest positive float16 subnormal), so that σ̃_max stays finite.
+ZERO_TERMINAL_ALPHA_BAR = 2.0**-24
+
+
+def beta_schedule_tables(
+    beta_schedule: str = "linear",
+    beta_start: float = 0.0001,
+    beta_end: float = 0.02,
+    num_train_timesteps: int = 1000,
+    trained_betas: Any = None,
+    rescale_betas_zero_snr: bool = False,
+) -> tuple[Any, Any, Any]:
+    """(β, α = 1 − β, ᾱ = ∏ α) as float32 torch tensors, bit for bit as diffusers' schedulers build them.
+
+    These are the ``betas``, ``alphas`` and ``alphas_cumprod`` attributes that diffusers code reads (e.g.
+    ``diffusers.training_utils.compute_snr``). With ``rescale_betas_zero_snr`` the last ᾱ is set to
+    :data:`ZERO_TERMINAL_ALPHA_BAR` after the product, as diffusers does (Lin et al. 2024, Sec. 3.1).
+    """
+    import torch
+
+    betas = torch.from_numpy(
+        betas_from_schedule(
+            beta_schedule, beta_start, beta_end, num_train_timesteps, trained_betas, rescale_betas_zero_snr
+        ).copy()
+    )
+    alphas = 1.0 - betas
+    alphas_cumprod = torch.cumprod(alphas, dim=0)
+    if rescale_betas_zero_snr:
+        alphas_cumprod[-1] = ZERO_TERMINAL_ALPHA_BAR
+    return betas, alphas, alphas_cumprod
 
 
 class DiscreteVP(NoiseProcess):
@@ -202,6 +237,10 @@ class DiscreteVP(NoiseProcess):
     linearly (diffusers' ``_sigma_to_t``, k-diffusion's ``DiscreteSchedule``), so ``lambda_`` and
     ``t_from_lambda`` are exact inverses of each other. ``t`` is the (fractional) training index and
     is also what the network receives.
+
+    λ must fall with t, with one exception: a zero-terminal-SNR table ends at ᾱ = 2⁻²⁴
+    (:data:`ZERO_TERMINAL_ALPHA_BAR`), which can lie above the ᾱ before it (DDPM's linear β rescaled has
+    ᾱ_998 ≈ 4e-9); λ may then rise on the last step, and ``t_from_lambda`` inverts the falling part.
     """
 
     scaling = "vp"
@@ -215,8 +254,10 @@ class DiscreteVP(NoiseProcess):
         self.alphas_cumprod = ac
         with np.errstate(divide="ignore"):
             lam = 0.5 * (np.log(ac) - np.log1p(-ac))
-        if not np.all(np.diff(lam) < 0):
+        falls = np.diff(lam) < 0
+        if not np.all(falls[:-1]) or not (falls[-1] or ac[-1] == ZERO_TERMINAL_ALPHA_BAR):
             raise ValueError("alphas_cumprod must be strictly decreasing (λ must fall with t)")
+        self._falling = ac.size if falls[-1] else ac.size - 1  # λ falls on [0, _falling)
         if not np.isfinite(lam[0]):
             raise ValueError("alphas_cumprod[0] = 1 gives an infinite log-SNR at t = 0; use a positive beta_start")
         self._lambdas = lam
@@ -228,6 +269,11 @@ class DiscreteVP(NoiseProcess):
     @property
     def num_train_timesteps(self) -> int:
         return int(self.alphas_cumprod.size)
+
+    @property
+    def sigma_max(self) -> float:
+        """Largest σ̃ of the table: at ``t_max``, or before it where a zero-terminal-SNR table rises at the end."""
+        return float(np.exp(-self._lambdas.min()))
 
     @property
     def lambdas(self) -> np.ndarray:
@@ -252,14 +298,9 @@ class DiscreteVP(NoiseProcess):
         rescale_betas_zero_snr: bool = False,
     ) -> DiscreteVP:
         """The training schedule of a diffusers scheduler config (``beta_schedule``, ``trained_betas``, …)."""
-        import torch
-
-        betas = betas_from_schedule(
+        _, _, ac = beta_schedule_tables(
             beta_schedule, beta_start, beta_end, num_train_timesteps, trained_betas, rescale_betas_zero_snr
         )
-        ac = torch.cumprod(1.0 - torch.as_tensor(betas), dim=0)
-        if rescale_betas_zero_snr:
-            ac[-1] = 2**-24  # diffusers: close to 0 without being 0 so that σ̃_max stays finite
         process = cls(ac.numpy())
         process.config = {
             "type": "discrete_vp",
@@ -277,7 +318,8 @@ class DiscreteVP(NoiseProcess):
 
     def t_from_lambda(self, lam: ArrayLike) -> np.ndarray:
         # λ decreases with t: interpolate on the reversed (increasing) table.
-        return np.interp(_as_f64(lam), self._lambdas[::-1], self._steps[::-1])
+        m = self._falling
+        return np.interp(_as_f64(lam), self._lambdas[:m][::-1], self._steps[:m][::-1])
 
     def timestep(self, t: ArrayLike) -> np.ndarray:
         return _as_f64(t).copy()

@@ -3,7 +3,7 @@
 from .dc_solver_scheduler import DCSolverScheduler
 from .digits_pipeline import DigitsPipeline
 from .dpm_solver_pp_scheduler import DPMSolverPlusPlusScheduler
-from .exposure_bias_time_shift import TimeShiftHandle, attach_exposure_bias_time_shift
+from .exposure_bias_time_shift import TimeShiftHandle, attach_exposure_bias_time_shift, time_shift_settings
 from .scheduler_base import SolverScheduler
 
 __all__ = [
@@ -13,4 +13,5 @@ __all__ = [
     "SolverScheduler",
     "TimeShiftHandle",
     "attach_exposure_bias_time_shift",
+    "time_shift_settings",
 ]

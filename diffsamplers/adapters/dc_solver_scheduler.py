@@ -15,7 +15,10 @@ config onto them. Extra keys, all JSON values:
 * ``dc_order``: K of the K + 1-point Lagrange compensation (2);
 * ``base_solver``: ``"unipc"`` (default) or ``"dpmsolver++"`` — DC as a plug-in for the predictor-only
   DPM-Solver++ (multistep, order ``solver_order``, midpoint form), as in the paper's Table 6;
-* ``sigmas=`` in ``set_timesteps`` for every spacing (diffusers' UniPC takes it only for flow models).
+* ``sigmas=`` in ``set_timesteps`` for every spacing (diffusers' UniPC takes it only for flow models, where it
+  follows diffusers' convention) and ``timesteps=`` (DPM-Solver's rule);
+* ``strictly_decreasing_sigmas``, ``float64_x0_conversion``, ``add_noise_training_levels`` and the exposure-bias
+  time shift ``exposure_bias_shift_*`` (:mod:`diffsamplers.adapters.scheduler_base`).
 
 diffusers' ``solver_p`` (a scheduler object, which cannot be saved in a config) is not supported; use
 ``base_solver``. ``predict_x0=False`` (noise-prediction UniPC) is run as data prediction, with a warning.
@@ -31,11 +34,14 @@ import numpy as np
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers
 
+from ..schedules.diffusers_compat import DiffusersGrid
 from ..schedules.schedule import Schedule
+from ..solvers.base import Solver
 from ..solvers.dc_cpr import CascadePolynomialRegression, load_ratio_source
 from ..solvers.dc_ratios import DCRatios, schedule_description, solver_settings
 from ..solvers.dc_solver import DCSolver, check_ratios
 from ..solvers.dpm_solver_pp import DPMSolverPlusPlus
+from ..solvers.exposure_bias_time_shift import ExposureBiasTimeShift
 from ..solvers.thresholding import DynamicThresholding
 from ..solvers.unipc import UniPC
 from .scheduler_base import SolverScheduler
@@ -50,13 +56,13 @@ _SOLVER_TYPE_ALIASES = {"midpoint": "bh2", "heun": "bh2", "logrho": "bh2"}  # as
 class DCSolverScheduler(SolverScheduler, ConfigMixin):
     """DC-Solver (UniPC + dynamic compensation) behind diffusers' scheduler interface.
 
-    Config keys and defaults are those of diffusers' ``UniPCMultistepScheduler`` (see its docs), plus
-    ``dc_ratios``, ``dc_order``, ``dc_guidance_scale``, ``dc_model_id`` and ``base_solver`` (module
-    docstring).
+    Config keys and defaults are those of diffusers' ``UniPCMultistepScheduler`` (see its docs), plus the keys of
+    the module docstring.
     """
 
     _compatibles = [e.name for e in KarrasDiffusionSchedulers]
     order = 1
+    _flavour = "unipc"
 
     @register_to_config
     def __init__(
@@ -86,12 +92,23 @@ class DCSolverScheduler(SolverScheduler, ConfigMixin):
         final_sigmas_type: Literal["zero", "sigma_min"] = "zero",
         rescale_betas_zero_snr: bool = False,
         use_dynamic_shifting: bool = False,
-        time_shift_type: Literal["exponential"] = "exponential",
+        time_shift_type: Literal["exponential", "linear"] = "exponential",
+        sigma_min: float | None = None,
+        sigma_max: float | None = None,
+        shift_terminal: float | None = None,
         dc_ratios: list[float] | str | None = None,
         dc_order: int = 2,
         dc_guidance_scale: float | None = None,
         dc_model_id: str | None = None,
         base_solver: Literal["unipc", "dpmsolver++"] = "unipc",
+        strictly_decreasing_sigmas: bool = False,
+        float64_x0_conversion: bool = False,
+        add_noise_training_levels: bool = False,
+        exposure_bias_shift_half_width: int = 0,
+        exposure_bias_shift_cutoff: float = 300.0,
+        exposure_bias_shift_variance_source: Literal["x", "epsilon"] = "x",
+        exposure_bias_shift_signal_variance: float = 0.0,
+        exposure_bias_shift_start_step: int = 1,
     ):
         if solver_p is not None:
             raise ValueError(
@@ -113,6 +130,10 @@ class DCSolverScheduler(SolverScheduler, ConfigMixin):
             raise ValueError("only one of use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas may be set")
         if final_sigmas_type not in ("zero", "sigma_min"):
             raise ValueError(f"final_sigmas_type must be 'zero' or 'sigma_min', got {final_sigmas_type!r}")
+        if shift_terminal is not None and not use_flow_sigmas:
+            raise ValueError("shift_terminal is only supported with use_flow_sigmas=True (as in diffusers)")
+        if time_shift_type not in ("exponential", "linear"):
+            raise ValueError(f"unknown time_shift_type {time_shift_type!r}: expected 'exponential' or 'linear'")
         if base_solver not in ("unipc", "dpmsolver++"):
             raise ValueError(f"unknown base_solver {base_solver!r}: expected 'unipc' or 'dpmsolver++'")
         if dc_ratios is not None and not isinstance(dc_ratios, (str, list, tuple)):
@@ -122,7 +143,7 @@ class DCSolverScheduler(SolverScheduler, ConfigMixin):
             )
         if isinstance(dc_ratios, tuple):
             self.register_to_config(dc_ratios=[float(r) for r in dc_ratios])
-        self._solvers: dict[int, DCSolver] = {}
+        self._solvers: dict[int, Solver] = {}
         self._source: DCRatios | CascadePolynomialRegression | None = None
         self._setup()
 
@@ -160,7 +181,7 @@ class DCSolverScheduler(SolverScheduler, ConfigMixin):
         """The ratios for ``schedule`` from the config (checked), or ``None`` for none."""
         cfg = self.config
         n = schedule.num_steps
-        base = self.solver if isinstance(self.solver, DCSolver) else self._make_solver()
+        base = self._dc(self.solver)
         value = cfg.dc_ratios
         if value is None:
             return None
@@ -186,17 +207,24 @@ class DCSolverScheduler(SolverScheduler, ConfigMixin):
         )
         return list(source.ratios)
 
-    def _set_schedule(self, schedule: Schedule, device: Any) -> None:
-        ratios = self.ratios_for(schedule)
-        key = schedule.num_steps if ratios is not None else 0
+    def _set_schedule(self, grid: DiffusersGrid, device: Any) -> None:
+        ratios = self.ratios_for(grid.schedule)
+        key = grid.schedule.num_steps if ratios is not None else 0
         solver = self._solvers.get(key)
-        if solver is None or solver.ratios != (None if ratios is None else tuple(ratios)):
-            solver = self._make_solver().with_ratios(ratios)
+        if solver is None or self._dc(solver).ratios != (None if ratios is None else tuple(ratios)):
+            solver = self._with_time_shift(self._make_solver().with_ratios(ratios))
             self._solvers[key] = solver
         self.solver = solver
-        super()._set_schedule(schedule, device)
+        super()._set_schedule(grid, device)
+
+    @staticmethod
+    def _dc(solver: Solver) -> DCSolver:
+        """The DC-Solver inside the (possibly time-shifted) solver."""
+        inner = solver.base if isinstance(solver, ExposureBiasTimeShift) else solver
+        assert isinstance(inner, DCSolver)
+        return inner
 
     @property
     def active_ratios(self) -> Sequence[float] | None:
         """The ratios in use after ``set_timesteps`` (``None``: none)."""
-        return self.solver.ratios if isinstance(self.solver, DCSolver) else None
+        return self._dc(self.solver).ratios

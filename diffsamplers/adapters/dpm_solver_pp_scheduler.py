@@ -2,14 +2,17 @@
 
 A drop-in for ``DPMSolverMultistepScheduler``: the same config keys and defaults, so
 ``pipe.scheduler = DPMSolverPlusPlusScheduler.from_config(pipe.scheduler.config)`` works for any diffusers
-pipeline, and the same numbers (float32 parity is tested). The maths is
-:class:`diffsamplers.solvers.DPMSolverPlusPlus`; this class only maps the config onto it. Extra keys:
+pipeline, and by default the same numbers (float32 full-loop parity is tested; ``docs/parity.md``). The maths is
+:class:`diffsamplers.solvers.DPMSolverPlusPlus`; this class only maps the config onto it. Extra keys, all
+defaulting to diffusers' behaviour:
 
 * ``sigmas=`` in ``set_timesteps`` (diffusers' DPM-Solver takes only ``timesteps=``), e.g. Align Your Steps
   noise levels;
 * ``lower_order_final_threshold`` (diffusers hard-codes 15, the official code uses 10);
 * ``third_order``: ``"reference"`` (default, diffusers' 3M numbers) or ``"taylor"`` (true third order, see
-  :mod:`diffsamplers.solvers.dpm_solver_pp`).
+  :mod:`diffsamplers.solvers.dpm_solver_pp`);
+* ``strictly_decreasing_sigmas``, ``float64_x0_conversion``, ``add_noise_training_levels`` and the exposure-bias
+  time shift ``exposure_bias_shift_*`` (:mod:`diffsamplers.adapters.scheduler_base`).
 """
 
 from __future__ import annotations
@@ -38,10 +41,10 @@ _SOLVER_TYPE_ALIASES = {"logrho": "midpoint", "bh1": "midpoint", "bh2": "midpoin
 class DPMSolverPlusPlusScheduler(SolverScheduler, ConfigMixin):
     """DPM-Solver++ multistep (orders 1–3) and SDE-DPM-Solver++ behind diffusers' scheduler interface.
 
-    Config keys and defaults are those of diffusers' ``DPMSolverMultistepScheduler`` (see its docs), plus
-    ``lower_order_final_threshold`` and ``third_order``. The noise-prediction algorithm types ``dpmsolver``
-    and ``sde-dpmsolver`` (deprecated in diffusers) and DEIS configs map to their data-prediction
-    counterparts, as diffusers maps DEIS; UniPC/DEIS ``solver_type`` values map to ``midpoint``.
+    Config keys and defaults are those of diffusers' ``DPMSolverMultistepScheduler`` (see its docs), plus the
+    keys of the module docstring. The noise-prediction algorithm types ``dpmsolver`` and ``sde-dpmsolver``
+    (deprecated in diffusers) and DEIS configs map to their data-prediction counterparts, as diffusers maps DEIS;
+    UniPC/DEIS ``solver_type`` values map to ``midpoint``.
     """
 
     _compatibles = [e.name for e in KarrasDiffusionSchedulers]
@@ -80,6 +83,14 @@ class DPMSolverPlusPlusScheduler(SolverScheduler, ConfigMixin):
         time_shift_type: Literal["exponential"] = "exponential",
         lower_order_final_threshold: int = 15,
         third_order: Literal["reference", "taylor"] = "reference",
+        strictly_decreasing_sigmas: bool = False,
+        float64_x0_conversion: bool = False,
+        add_noise_training_levels: bool = False,
+        exposure_bias_shift_half_width: int = 0,
+        exposure_bias_shift_cutoff: float = 300.0,
+        exposure_bias_shift_variance_source: Literal["x", "epsilon"] = "x",
+        exposure_bias_shift_signal_variance: float = 0.0,
+        exposure_bias_shift_start_step: int = 1,
     ):
         if algorithm_type in _ALGORITHM_ALIASES:
             if algorithm_type != "deis":
@@ -99,10 +110,9 @@ class DPMSolverPlusPlusScheduler(SolverScheduler, ConfigMixin):
             raise ValueError(
                 f"unknown timestep_spacing {timestep_spacing!r}: expected 'linspace', 'leading' or 'trailing'"
             )
-        if sum(map(bool, (use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas, use_lu_lambdas))) > 1:
-            raise ValueError(
-                "only one of use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas, use_lu_lambdas may be set"
-            )
+        if sum(map(bool, (use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas))) > 1:
+            # as diffusers; use_lu_lambdas may be combined (Karras sigmas then win, as in diffusers)
+            raise ValueError("only one of use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas may be set")
         if final_sigmas_type not in ("zero", "sigma_min"):
             raise ValueError(f"final_sigmas_type must be 'zero' or 'sigma_min', got {final_sigmas_type!r}")
         self._setup()

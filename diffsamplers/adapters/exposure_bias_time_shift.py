@@ -1,14 +1,18 @@
 """The exposure-bias time-shift sampler (Li et al. 2024, ICLR; :mod:`diffsamplers.solvers.exposure_bias_time_shift`)
 inside a diffusers pipeline.
 
+The shift is part of the schedulers' config: ``exposure_bias_shift_half_width`` > 0 (0, the default, is off) with
+``exposure_bias_shift_cutoff``, ``…_variance_source``, ``…_signal_variance`` and ``…_start_step`` wraps the
+scheduler's solver in :class:`~diffsamplers.solvers.ExposureBiasTimeShift`, and the keys round-trip through
+``save_pretrained`` / ``from_pretrained``. Its ``step`` converts the model output with each sample's own (α, σ).
+
 diffusers pipelines always pass ``scheduler.timesteps[i]`` — one scalar — to the network, while the time-shift
 sampler evaluates each sample at its own timestep. :func:`attach_exposure_bias_time_shift` makes that work in
 any pipeline without changing its code:
 
 1. the pipeline's scheduler becomes a :class:`~diffsamplers.DPMSolverPlusPlusScheduler` (built from the
-   pipeline's scheduler config; ``solver_order=1`` gives DDIM) whose solver is wrapped in
-   :class:`~diffsamplers.solvers.ExposureBiasTimeShift`; its ``step`` converts the model output with each
-   sample's own (α, σ);
+   pipeline's scheduler config with the shift's keys; ``solver_order=1`` gives DDIM) — or, if it already is one of
+   this package's schedulers (e.g. a :class:`~diffsamplers.DCSolverScheduler`), the same class;
 2. a forward pre-hook on the denoising network (``pipe.unet`` or ``pipe.transformer``) replaces the timestep
    argument by the scheduler's per-sample timesteps (:meth:`SolverScheduler.current_model_timesteps`) at the
    steps where samples were shifted, repeated over the classifier-free-guidance batch.
@@ -19,6 +23,8 @@ any pipeline without changing its code:
     images = pipe(num_inference_steps=10).images
     handle.remove()
 
+A pipeline whose scheduler was loaded with the keys set needs the hook all the same:
+``attach_exposure_bias_time_shift(pipe, **time_shift_settings(pipe.scheduler))``.
 Nothing is read back from the device: the hook only swaps in a tensor the scheduler already holds.
 """
 
@@ -29,11 +35,25 @@ from typing import Any
 
 import torch
 
-from ..solvers.exposure_bias_time_shift import ExposureBiasTimeShift
 from .dpm_solver_pp_scheduler import DPMSolverPlusPlusScheduler
 from .scheduler_base import SolverScheduler
 
-__all__ = ["TimeShiftHandle", "attach_exposure_bias_time_shift", "time_shift_model_hook"]
+__all__ = [
+    "CONFIG_KEYS",
+    "TimeShiftHandle",
+    "attach_exposure_bias_time_shift",
+    "time_shift_model_hook",
+    "time_shift_settings",
+]
+
+#: The scheduler config keys of the shift and :func:`attach_exposure_bias_time_shift`'s argument for each.
+CONFIG_KEYS = {
+    "half_width": "exposure_bias_shift_half_width",
+    "cutoff": "exposure_bias_shift_cutoff",
+    "variance_source": "exposure_bias_shift_variance_source",
+    "signal_variance": "exposure_bias_shift_signal_variance",
+    "start_step": "exposure_bias_shift_start_step",
+}
 
 
 def _network(pipe: Any) -> torch.nn.Module:
@@ -77,6 +97,11 @@ class TimeShiftHandle:
         self.pipe.scheduler = self.original_scheduler
 
 
+def time_shift_settings(scheduler: SolverScheduler) -> dict[str, Any]:
+    """The shift's settings in ``scheduler``'s config, as :func:`attach_exposure_bias_time_shift` arguments."""
+    return {arg: scheduler.config[key] for arg, key in CONFIG_KEYS.items()}
+
+
 def attach_exposure_bias_time_shift(
     pipe: Any,
     half_width: int = 10,
@@ -89,21 +114,22 @@ def attach_exposure_bias_time_shift(
 ) -> TimeShiftHandle:
     """Sample ``pipe`` with the exposure-bias time shift (see the module docstring).
 
-    ``scheduler_kwargs`` override the pipeline scheduler's config for the DPM-Solver++ scheduler, e.g.
-    ``solver_order=1`` for DDIM or ``algorithm_type="sde-dpmsolver++"``. The time-shift arguments are those of
-    :class:`~diffsamplers.solvers.ExposureBiasTimeShift`.
+    ``scheduler_kwargs`` override the pipeline scheduler's config, e.g. ``solver_order=1`` for DDIM or
+    ``algorithm_type="sde-dpmsolver++"``. The time-shift arguments are those of
+    :class:`~diffsamplers.solvers.ExposureBiasTimeShift`; they become the scheduler's ``exposure_bias_shift_*``
+    config keys.
     """
     original = pipe.scheduler
-    scheduler = DPMSolverPlusPlusScheduler.from_config(original.config, **scheduler_kwargs)
-    scheduler.solver = ExposureBiasTimeShift(
-        scheduler.solver,
+    settings = dict(
         half_width=half_width,
         cutoff=cutoff,
-        variance_source=variance_source,  # type: ignore[arg-type]
+        variance_source=variance_source,
         signal_variance=signal_variance,
         start_step=start_step,
     )
-    scheduler.state = scheduler.solver.init_state()
+    keys = {CONFIG_KEYS[arg]: value for arg, value in settings.items()}
+    cls = type(original) if isinstance(original, SolverScheduler) else DPMSolverPlusPlusScheduler
+    scheduler = cls.from_config(original.config, **scheduler_kwargs, **keys)
     pipe.scheduler = scheduler
     hook = _network(pipe).register_forward_pre_hook(time_shift_model_hook(scheduler), with_kwargs=True)
     return TimeShiftHandle(pipe, scheduler, original, hook)

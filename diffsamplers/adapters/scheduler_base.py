@@ -1,28 +1,50 @@
 """The diffusers scheduler contract over this package's solvers.
 
-:class:`SolverScheduler` implements what diffusers pipelines call — ``set_timesteps``, ``step``,
-``scale_model_input``, ``add_noise``, ``set_begin_index`` — once, for every solver: ``set_timesteps`` builds
-the schedule with :mod:`diffsamplers.schedules.diffusers_compat` and the solver's plan; ``step`` converts the
-model output with :func:`diffsamplers.prediction.to_x0` and calls :meth:`Solver.step`. No solver maths is
-restated here. Subclasses only declare their config (``@register_to_config``) and build their solver.
+:class:`SolverScheduler` implements what diffusers pipelines and training code use — ``set_timesteps``,
+``step``, ``scale_model_input``, ``add_noise``, ``set_begin_index``, ``index_for_timestep`` and the training
+tables ``betas``, ``alphas``, ``alphas_cumprod``, ``alpha_t``, ``sigma_t``, ``lambda_t`` (float32, bit for bit
+diffusers', so ``diffusers.training_utils.compute_snr`` works) — once, for every solver: ``set_timesteps`` builds
+diffusers' grid (:mod:`diffsamplers.schedules.diffusers_compat`) and the solver's plan; ``step`` converts the
+model output with :func:`diffsamplers.prediction.to_x0` and takes the step through :func:`diffsamplers.step.step`.
+No solver maths is restated here. Subclasses only declare their config (``@register_to_config``) and build their
+solver; ``_flavour`` says whose grids they reproduce.
 
-Differences from diffusers' schedulers, all on purpose:
+By default every number is diffusers' (``docs/parity.md``). Config keys of this package, all off by default:
 
-* The step index is found without reading the timestep back from the GPU when the pipeline passes an
-  element of ``scheduler.timesteps`` (as every diffusers pipeline does): the element is a view of that
-  tensor, and its storage offset is its index. Other timesteps are looked up by value.
-* Model outputs are checked for NaN/Inf with a device-side flag, read once after the last step; the error
-  names the first bad step (set ``check_finite = False`` on the instance to skip the read).
-* The solver history is kept in float32 (diffusers keeps it in the model dtype).
+* ``strictly_decreasing_sigmas``: grids without the zero-length steps diffusers' grids can have;
+* ``float64_x0_conversion``: x̂0 = (x − σ ε̂)/α in float64 where α < 1/16 (:mod:`diffsamplers.prediction`;
+  diffusers converts in float32, which loses ≈ |x|/α · 2⁻²⁴ at t = 999);
+* ``add_noise_training_levels``: ``add_noise`` at the training levels of the given timesteps (interpolated between
+  integer steps) instead of diffusers' look-up in the inference schedule, which before ``set_timesteps`` reads the
+  reversed table (t ↦ σ̃ of training step N − 1 − t);
+* ``exposure_bias_shift_half_width`` > 0 (with ``…_cutoff``, ``…_variance_source``, ``…_signal_variance``,
+  ``…_start_step``): the exposure-bias time shift (Li et al. 2024, ICLR,
+  :class:`~diffsamplers.solvers.ExposureBiasTimeShift`) around the solver; the network must then receive
+  :meth:`SolverScheduler.current_model_timesteps` (:func:`~diffsamplers.adapters.attach_exposure_bias_time_shift`).
+
+Differences that change no finite diffusers result:
+
+* The step index is found without reading the timestep back from the GPU when the pipeline passes an element of
+  ``scheduler.timesteps`` (as every diffusers pipeline does): the element is a view of that tensor, and its
+  storage offset is its index. Other timesteps are looked up by value, as diffusers does (the second match if a
+  timestep occurs twice; the last step, with a warning, if it does not occur). ``add_noise`` looks up on the
+  device.
+* Model outputs are checked for NaN/Inf with a device-side flag, read once after the last step; the error names
+  the first bad step (set ``check_finite = False`` on the instance to skip the read). A step whose update is not
+  defined on diffusers' grid (after a zero-length step; diffusers returns NaN there) raises.
+
+Not the same numbers, and not an option: float16/bfloat16 samples are converted and the solver history is kept in
+float32, where diffusers converts the model output in the model's dtype (the parity claim is for float32).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from abc import abstractmethod
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -30,14 +52,16 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutpu
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..denoiser import compute_dtype
-from ..noise import DiscreteVP, NoiseProcess, noise_process_from_config
+from ..noise import DiscreteVP, NoiseProcess, RectifiedFlow, noise_process_from_config
 from ..prediction import check_prediction_type, to_x0
-from ..schedules.diffusers_compat import diffusers_sigmas, schedule_from_scheduler_config
-from ..schedules.schedule import Schedule
-from ..solvers.base import Solver, SolverPlan, SolverState
+from ..schedules.diffusers_compat import DiffusersGrid, Flavour, diffusers_grid, training_tables
+from ..solvers.base import LinearStep, Solver, SolverPlan, SolverState
+from ..solvers.exposure_bias_time_shift import ExposureBiasTimeShift
 from ..step import FiniteCheck, SamplingRun, evaluation_point, step
 
 __all__ = ["SolverScheduler", "check_json_config"]
+
+logger = logging.getLogger(__name__)
 
 
 def check_json_config(config: Any, owner: str) -> None:
@@ -59,11 +83,29 @@ class _MarginalTable:
     lambdas: torch.Tensor
 
 
+def _alpha_sigma(sigmas: torch.Tensor, flow: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(α, σ) from diffusers' stored levels, in their dtype, as diffusers computes them (``_sigma_to_alpha_sigma_t``):
+    flow time t ↦ (1 − t, t); σ̃ ↦ (1/√(σ̃² + 1), σ̃ α)."""
+    if flow:
+        return 1 - sigmas, sigmas
+    alpha = 1 / ((sigmas**2 + 1) ** 0.5)
+    return alpha, sigmas * alpha
+
+
+def _finite_step(c: LinearStep) -> bool:
+    """Whether every coefficient of a planned update (its corrector included) is finite."""
+    values = [c.x, c.anchor, c.noise, *c.history, *c.compensation]
+    if c.corrector is not None:
+        values += [c.corrector.x, c.corrector.anchor, *c.corrector.history]
+    return all(math.isfinite(v) for v in values)
+
+
 class SolverScheduler(SchedulerMixin):
     """Base class of the diffusers drop-ins; a subclass adds ``ConfigMixin`` and ``@register_to_config``."""
 
     order = 1
     check_finite: bool = True
+    _flavour: ClassVar[Flavour] = "dpmsolver"
 
     # -- set up ---------------------------------------------------------------------------------
     def _setup(self) -> None:
@@ -71,15 +113,20 @@ class SolverScheduler(SchedulerMixin):
         check_json_config(cfg, type(self).__name__)
         self.prediction_type = check_prediction_type(cfg.prediction_type)
         self.process: NoiseProcess = noise_process_from_config(cfg)
-        self.solver: Solver = self._make_solver()
+        tables = training_tables(cfg)
+        self.betas, self.alphas, self.alphas_cumprod = tables.betas, tables.alphas, tables.alphas_cumprod
+        self.alpha_t, self.sigma_t, self.lambda_t = tables.alpha_t, tables.sigma_t, tables.lambda_t
+        self.solver: Solver = self._with_time_shift(self._make_solver())
         self.init_noise_sigma = 1.0
         self.num_inference_steps: int | None = None
         self.plan: SolverPlan | None = None
         self.state: SolverState = self.solver.init_state()
         n = int(cfg.num_train_timesteps)
         self.timesteps = torch.arange(n - 1, -1, -1, dtype=torch.int64)
-        self.sigmas = torch.zeros(0)
+        self.sigmas = tables.sigmas  # diffusers: the training levels until set_timesteps (on the CPU)
         self._timesteps_host = self.timesteps.numpy().astype(np.float64)
+        self._x0_points: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._undefined: dict[int, str] = {}
         self._step_index: int | None = None
         self._begin_index: int | None = None
         self._finite: FiniteCheck | None = None
@@ -87,7 +134,21 @@ class SolverScheduler(SchedulerMixin):
 
     @abstractmethod
     def _make_solver(self) -> Solver:
-        """The solver this scheduler runs, built from ``self.config``."""
+        """The solver this scheduler runs, built from ``self.config`` (without the time shift)."""
+
+    def _with_time_shift(self, solver: Solver) -> Solver:
+        """``solver`` inside :class:`ExposureBiasTimeShift` when ``exposure_bias_shift_half_width`` > 0."""
+        cfg = self.config
+        if not cfg.get("exposure_bias_shift_half_width", 0):
+            return solver
+        return ExposureBiasTimeShift(
+            solver,
+            half_width=cfg.exposure_bias_shift_half_width,
+            cutoff=cfg.exposure_bias_shift_cutoff,
+            variance_source=cfg.exposure_bias_shift_variance_source,
+            signal_variance=cfg.exposure_bias_shift_signal_variance,
+            start_step=cfg.exposure_bias_shift_start_step,
+        )
 
     # -- indices --------------------------------------------------------------------------------
     @property
@@ -104,7 +165,9 @@ class SolverScheduler(SchedulerMixin):
         self._begin_index = int(begin_index)
 
     def index_for_timestep(self, timestep: float | torch.Tensor, schedule_timesteps: torch.Tensor | None = None) -> int:
-        """Position of ``timestep`` in the schedule (the second match if it occurs twice, as diffusers)."""
+        """Position of ``timestep`` in the schedule, as diffusers finds it: the second match if it occurs twice, the
+        last step if it does not occur (with a warning). An element of ``scheduler.timesteps`` is found from its
+        storage offset, without reading it back from the device."""
         ts = self.timesteps if schedule_timesteps is None else schedule_timesteps
         if (
             isinstance(timestep, torch.Tensor)
@@ -123,11 +186,22 @@ class SolverScheduler(SchedulerMixin):
         )
         matches = np.flatnonzero(host == value)
         if matches.size == 0:
-            raise ValueError(f"timestep {value:g} is not in the schedule {host.tolist()[:12]}...")
+            last = len(self.timesteps) - 1
+            logger.warning("timestep %g is not in the schedule; stepping from its last timestep, as diffusers", value)
+            return last
         return int(matches[1] if matches.size > 1 else matches[0])
 
     def _init_step_index(self, timestep: float | torch.Tensor) -> None:
         self._step_index = self._begin_index if self._begin_index is not None else self.index_for_timestep(timestep)
+
+    def _schedule_indices(self, timesteps: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """:meth:`index_for_timestep` of each timestep, on ``device`` (no host read)."""
+        schedule = self.timesteps.to(device)
+        hits = timesteps.reshape(-1, 1).to(device) == schedule.reshape(1, -1)
+        seen = hits.cumsum(dim=1)
+        first, second = hits.int().argmax(dim=1), (seen == 2).int().argmax(dim=1)
+        index = torch.where(seen[:, -1] > 1, second, first)
+        return torch.where(seen[:, -1] == 0, torch.full_like(index, len(self.timesteps) - 1), index)
 
     # -- schedule -------------------------------------------------------------------------------
     def set_timesteps(
@@ -138,34 +212,60 @@ class SolverScheduler(SchedulerMixin):
         sigmas: list[float] | None = None,
         mu: float | None = None,
     ) -> None:
-        """Build the schedule and precompute the solver's coefficients (on the host, in float64).
+        """Build diffusers' grid and precompute the solver's coefficients (on the host, in float64).
 
-        Exactly one of ``num_inference_steps``, ``timesteps`` (training timesteps, decreasing) or ``sigmas``
-        (noise levels including the final one; flow time t for flow models) must be given. ``mu`` sets the
-        flow shift to e^μ (``use_dynamic_shifting``).
+        Exactly one of ``num_inference_steps``, ``timesteps`` (training timesteps, decreasing) or ``sigmas`` must be
+        given (``sigmas``: the noise levels including the final one — flow times for flow models — except for
+        UniPC on a flow model, which takes diffusers' n flow times and shifts them). ``mu`` is the dynamic flow
+        shift (``use_dynamic_shifting``): DPM-Solver stores e^μ as its ``flow_shift``, as diffusers does; UniPC
+        applies ``time_shift_type`` to it.
         """
-        flow_shift = None
-        if mu is not None:
+        if mu is not None and self._flavour == "dpmsolver":
             if not self.config.get("use_dynamic_shifting", False):
                 raise ValueError("mu is only used with use_dynamic_shifting=True")
-            flow_shift = math.exp(mu)
-        schedule = schedule_from_scheduler_config(
-            self.process, self.config, num_inference_steps, timesteps, sigmas, flow_shift
-        )
-        self._set_schedule(schedule, device)
+            self.register_to_config(flow_shift=math.exp(mu))
+            mu = None
+        grid = diffusers_grid(self.process, self.config, num_inference_steps, timesteps, sigmas, mu, self._flavour)
+        self._set_schedule(grid, device)
 
-    def _set_schedule(self, schedule: Schedule, device: str | torch.device | None) -> None:
-        self.plan = self.solver.plan(self.process, schedule)
+    def _set_schedule(self, grid: DiffusersGrid, device: str | torch.device | None) -> None:
+        self.plan = self.solver.plan(self.process, grid.schedule)
         ts = self.plan.timesteps
         integral = bool(np.all(ts == np.round(ts)))
         self.timesteps = torch.from_numpy(ts.astype(np.int64) if integral else ts.astype(np.float32)).to(device)
         self._timesteps_host = ts.copy()
-        self.sigmas = torch.from_numpy(diffusers_sigmas(self.process, schedule).astype(np.float32))  # on the CPU
+        self.sigmas = torch.from_numpy(grid.sigmas)  # on the CPU, as diffusers
+        alpha, sigma = _alpha_sigma(self.sigmas, isinstance(self.process, RectifiedFlow))
+        self._x0_points = list(zip(alpha.unbind(), sigma.unbind()))
+        self._undefined = self._undefined_steps(self.plan)
         self.num_inference_steps = self.plan.num_evals
         self.state = self.solver.init_state()
         self._step_index = None
         self._begin_index = None
         self._finite = None
+
+    def _undefined_steps(self, plan: SolverPlan) -> dict[int, str]:
+        """Steps whose update is not finite on this grid (after or at a zero-length step), with the reason; warned
+        about here, raised at the step."""
+        undefined: dict[int, str] = {}
+        s = plan.sigmas
+        for k, c in enumerate(plan.steps):
+            if _finite_step(c):
+                continue
+            repeats = [j for j in range(k, max(k - c.order, -1), -1) if s[j + 1] == s[j]]
+            cause = (
+                f"step {repeats[0] + 1} has zero length (the level {s[repeats[0]]:.6g} repeats)"
+                if repeats
+                else "its coefficients are not finite"
+            )
+            undefined[k] = (
+                f"step {k + 1} of {plan.num_evals} ({self.solver.name}, order {c.order}) is not defined on this grid: "
+                f"{cause}, and diffusers' scheduler returns NaN there; set strictly_decreasing_sigmas=True for a grid "
+                "without repeated levels"
+            )
+        if undefined:
+            logger.warning(next(iter(undefined.values())))
+        return undefined
 
     # -- stepping -------------------------------------------------------------------------------
     def scale_model_input(self, sample: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -189,6 +289,8 @@ class SolverScheduler(SchedulerMixin):
             )
         work = compute_dtype(sample.dtype)
         _, alpha, sigma = evaluation_point(self._run(), k, sample.device)  # per-sample off the grid (time shift)
+        if isinstance(alpha, float) and work == torch.float32 and not self.config.get("float64_x0_conversion"):
+            alpha, sigma = self._x0_points[k]  # diffusers' float32 (α, σ) from its float32 level
         return to_x0(model_output.to(work), sample.to(work), alpha, sigma, self.prediction_type)
 
     def current_model_timesteps(self) -> torch.Tensor | None:
@@ -232,6 +334,8 @@ class SolverScheduler(SchedulerMixin):
         k = self._step_index
         if k >= self.plan.num_evals:
             raise ValueError(f"all {self.plan.num_evals} steps have been taken; call set_timesteps again")
+        if k in self._undefined:
+            raise ValueError(self._undefined[k])
         x0 = self._model_output_to_x0(model_output, sample, k)
         if self.check_finite and self._finite is None:
             self._finite = FiniteCheck(self.plan.num_evals, x0.shape[0], x0.device, x0.dtype)
@@ -243,8 +347,7 @@ class SolverScheduler(SchedulerMixin):
                 noise = randn_tensor(
                     tuple(model_output.shape), generator=generator, device=model_output.device, dtype=torch.float32
                 )
-        run = self._run()
-        prev = step(run, k, sample, x0=x0, z=noise)
+        prev = step(self._run(), k, sample, x0=x0, z=noise)
         self._step_index = k + 1
         if self._step_index == self.plan.num_evals and self._finite is not None:
             finite, self._finite = self._finite, None
@@ -255,6 +358,50 @@ class SolverScheduler(SchedulerMixin):
         return SchedulerOutput(prev_sample=prev)
 
     # -- forward process ------------------------------------------------------------------------
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """x_t = α x0 + σ ε at ``timesteps`` (one per sample, or one for all), without a host read.
+
+        As diffusers: without ``begin_index`` each timestep is looked up in ``self.timesteps`` (the second match if
+        it occurs twice, the last step if it does not occur — before ``set_timesteps`` that table is 999 … 0 against
+        the training levels 0 … 999); with it, the level at ``step_index`` once sampling has started (inpainting),
+        else at ``begin_index`` (img2img). With ``add_noise_training_levels=True`` any timestep is instead noised at
+        its own training level (interpolated between integer steps) unless sampling has an index.
+        """
+        if self.config.get("add_noise_training_levels"):
+            alpha, sigma = self._training_alpha_sigma(original_samples, timesteps)
+        else:
+            alpha, sigma = self._schedule_alpha_sigma(original_samples, timesteps)
+        view = (-1,) + (1,) * (original_samples.ndim - 1)
+        alpha = alpha.to(original_samples.device, original_samples.dtype).view(view)
+        sigma = sigma.to(original_samples.device, original_samples.dtype).view(view)
+        return alpha * original_samples + sigma * noise
+
+    def _schedule_alpha_sigma(
+        self, original_samples: torch.Tensor, timesteps: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """diffusers' (α, σ) for ``add_noise``: the stored level of the looked-up (or begin / current) step."""
+        device = original_samples.device
+        levels = self.sigmas.to(device=device, dtype=original_samples.dtype)
+        ts = torch.as_tensor(timesteps, device=device)
+        if self._begin_index is None:
+            index = self._schedule_indices(ts, device)
+        else:
+            at = self._step_index if self._step_index is not None else self._begin_index
+            index = torch.full((max(ts.numel(), 1),), at, dtype=torch.int64, device=device)
+        return _alpha_sigma(levels[index], isinstance(self.process, RectifiedFlow))
+
+    def _training_alpha_sigma(
+        self, original_samples: torch.Tensor, timesteps: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``add_noise_training_levels``: the plan's level during sampling, else each timestep's training level."""
+        index = self._step_index if self._step_index is not None else self._begin_index
+        if index is not None and self.plan is not None:
+            batch = original_samples.shape[0]
+            alpha, sigma = float(self.plan.alpha_t[index]), float(self.plan.sigma_t[index])
+            return torch.full((batch,), alpha), torch.full((batch,), sigma)
+        ts = torch.as_tensor(timesteps).reshape(-1)
+        return self._alpha_sigma_at(ts, original_samples.device)
+
     def _table(self, device: torch.device) -> _MarginalTable:
         table = self._tables.get(device)
         if table is None:
@@ -275,27 +422,6 @@ class SolverScheduler(SchedulerMixin):
             return alpha, torch.sigmoid(-2 * lam_t).sqrt()
         tt = t / float(self.process.timestep(1.0))
         return 1.0 - tt, tt
-
-    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """x_t = α x0 + σ ε at ``timesteps`` (one per sample).
-
-        Before the first step with ``begin_index`` set (img2img) and during sampling (inpainting) the
-        schedule's own levels are used, as in diffusers; otherwise (training) any timesteps are accepted and
-        mapped on the device.
-        """
-        index = self._step_index if self._step_index is not None else self._begin_index
-        if index is not None and self.plan is not None:
-            alpha = torch.full((original_samples.shape[0],), float(self.plan.alpha_t[index]))
-            sigma = torch.full((original_samples.shape[0],), float(self.plan.sigma_t[index]))
-        else:
-            ts = torch.as_tensor(timesteps).reshape(-1)
-            alpha, sigma = self._alpha_sigma_at(ts, original_samples.device)
-            if alpha.numel() == 1 and original_samples.shape[0] != 1:
-                alpha, sigma = alpha.expand(original_samples.shape[0]), sigma.expand(original_samples.shape[0])
-        view = (-1,) + (1,) * (original_samples.ndim - 1)
-        alpha = alpha.to(original_samples.device, original_samples.dtype).view(view)
-        sigma = sigma.to(original_samples.device, original_samples.dtype).view(view)
-        return alpha * original_samples + sigma * noise
 
     def __len__(self) -> int:
         return int(self.config.num_train_timesteps)

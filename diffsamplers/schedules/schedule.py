@@ -30,11 +30,16 @@ class Schedule:
     A solver evaluates the model at the first n levels and returns the sample at σ̃_n. ``timesteps``
     optionally overrides what the network receives at those n levels (diffusers rounds timesteps while
     its solver keeps the unrounded σ); by default the process maps σ̃ to its timestep.
+
+    ``strictly_decreasing=False`` drops the order check: diffusers' grids can repeat a level (a zero-length step)
+    or, with float32 rounding or a zero-terminal-SNR table, rise a little, and reproducing its numbers means
+    keeping them (:mod:`diffsamplers.schedules.diffusers_compat`).
     """
 
     sigmas: np.ndarray
     timesteps: np.ndarray | None = None
     metadata: dict[str, Any] = field(default_factory=dict, compare=False)
+    strictly_decreasing: bool = field(default=True, compare=False)
 
     def __post_init__(self) -> None:
         sigmas = np.array(self.sigmas, dtype=np.float64).reshape(-1)
@@ -49,7 +54,7 @@ class Schedule:
             i = int(np.flatnonzero(sigmas < 0)[0])
             raise ValueError(f"noise levels must be non-negative: sigmas[{i}] = {sigmas[i]}")
         steps = np.diff(sigmas)
-        if np.any(steps >= 0):
+        if self.strictly_decreasing and np.any(steps >= 0):
             i = int(np.flatnonzero(steps >= 0)[0])
             raise ValueError(
                 "a schedule must be strictly decreasing: "

@@ -31,6 +31,7 @@ __all__ = [
     "exponential",
     "beta",
     "diffusers_spacing",
+    "diffusers_timesteps",
     "from_sigmas",
     "from_timesteps",
     "default_schedule",
@@ -172,6 +173,31 @@ def _strictly_decreasing_integers(ts: np.ndarray) -> np.ndarray:
     return out
 
 
+def diffusers_timesteps(
+    num_train_timesteps: int,
+    num_steps: int,
+    spacing: Literal["linspace", "leading", "trailing"] = "linspace",
+    steps_offset: int = 0,
+    last_timestep: int | None = None,
+) -> np.ndarray:
+    """diffusers' integer timesteps for ``spacing`` (Lin et al. 2024, Table 2), exactly as its ``set_timesteps``
+    computes them — unchecked, so rounding may repeat a timestep (``linspace`` with as many steps as training
+    timesteps). ``last_timestep`` (default: ``num_train_timesteps``) is where ``lambda_min_clipped`` cut the
+    training schedule; ``trailing`` keeps the stride N/n of the whole schedule."""
+    big_n, n = int(num_train_timesteps), int(num_steps)
+    last_t = big_n if last_timestep is None else int(last_timestep)
+    if spacing == "linspace":
+        ts = np.linspace(0, last_t - 1, n + 1).round()[::-1][:-1]
+    elif spacing == "leading":
+        ratio = last_t // (n + 1)
+        ts = (np.arange(0, n + 1) * ratio).round()[::-1][:-1] + steps_offset
+    elif spacing == "trailing":
+        ts = np.arange(last_t, 0, -big_n / n).round() - 1
+    else:
+        raise ValueError(f"unknown timestep spacing {spacing!r}: expected 'linspace', 'leading' or 'trailing'")
+    return ts.astype(np.int64)
+
+
 def diffusers_spacing(
     process: DiscreteVP,
     num_steps: int,
@@ -196,16 +222,7 @@ def diffusers_spacing(
     # diffusers: clip the start of the schedule where λ < lambda_min_clipped (critical for cosine schedules).
     clipped_idx = int(np.searchsorted(process.lambdas[::-1], lambda_min_clipped))
     last_t = big_n - clipped_idx
-    if spacing == "linspace":
-        ts = np.linspace(0, last_t - 1, n + 1).round()[::-1][:-1]
-    elif spacing == "leading":
-        ratio = last_t // (n + 1)
-        ts = (np.arange(0, n + 1) * ratio).round()[::-1][:-1] + steps_offset
-    elif spacing == "trailing":
-        ts = np.arange(last_t, 0, -big_n / n).round() - 1
-    else:
-        raise ValueError(f"unknown timestep spacing {spacing!r}: expected 'linspace', 'leading' or 'trailing'")
-    ts = _strictly_decreasing_integers(ts)
+    ts = _strictly_decreasing_integers(diffusers_timesteps(big_n, n, spacing, steps_offset, last_t))
     if ts.size != n or ts[-1] < 0 or ts[0] > big_n - 1:
         raise ValueError(
             f"{spacing!r} spacing cannot place {n} distinct steps on the {last_t} usable training timesteps"

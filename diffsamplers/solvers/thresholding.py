@@ -1,8 +1,9 @@
 """Dynamic thresholding of x̂0 (Saharia et al. 2022, "Imagen", Sec. 2.3 and Fig. A.31).
 
 Per sample, s = clamp(quantile_p(|x̂0|), 1, max_value); x̂0 ← clamp(x̂0, −s, s)/s. With
-``max_value = 1`` (diffusers' default ``sample_max_value``) this is plain clipping to [−1, 1]. Only for
-pixel-space models.
+``max_value = 1`` (diffusers' default ``sample_max_value``) this is plain clipping to [−1, 1]. A
+``max_value`` below 1 makes the clamp return ``max_value`` (torch.clamp's rule when min > max), i.e.
+x̂0 ← clamp(x̂0, −m, m)/m, as diffusers computes it. Only for pixel-space models.
 
 The quantile is taken with a sort and host-known indices (linear interpolation, as ``torch.quantile``),
 so no value is read back to the host.
@@ -23,8 +24,8 @@ class DynamicThresholding:
     def __init__(self, ratio: float = 0.995, max_value: float = 1.0):
         if not 0.0 <= ratio <= 1.0:
             raise ValueError(f"thresholding ratio must lie in [0, 1], got {ratio}")
-        if max_value < 1.0:
-            raise ValueError(f"thresholding max_value must be >= 1, got {max_value}")
+        if not max_value > 0.0:
+            raise ValueError(f"thresholding max_value must be positive, got {max_value}")
         self.ratio = float(ratio)
         self.max_value = float(max_value)
 

@@ -110,8 +110,12 @@ def test_plug_in_on_dpm_solver():
     theirs = scheduler_loop(DPMSolverMultistepScheduler(), x, model, num_inference_steps=8)
     ours = scheduler_loop(DCSolverScheduler(base_solver="dpmsolver++"), x, model, num_inference_steps=8)
     assert float((ours - theirs).abs().max()) <= 1e-5
+    # float64_x0_conversion: the ε → x̂0 conversion of our own loop (the Denoiser), for an exact comparison
     dc = scheduler_loop(
-        DCSolverScheduler(base_solver="dpmsolver++", dc_ratios=RATIOS8), x, model, num_inference_steps=8
+        DCSolverScheduler(base_solver="dpmsolver++", dc_ratios=RATIOS8, float64_x0_conversion=True),
+        x,
+        model,
+        num_inference_steps=8,
     )
     assert not torch.allclose(dc, ours, atol=1e-4)
     process = DCSolverScheduler().process
@@ -140,15 +144,24 @@ def test_no_host_reads_in_the_loop():
 
 @pytest.mark.parametrize("other", [UniPCMultistepScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler])
 def test_switching_with_from_config(other):
+    """From another scheduler's config (with ratios added) and back: ratios 1 give UniPC's numbers on that config,
+    other ratios differ from them, and the other scheduler rebuilt from our config gives its own numbers again."""
     source = other(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", prediction_type="v_prediction")
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    model = lambda s, t: 0.1 * s  # noqa: E731
     ours = DCSolverScheduler.from_config(source.config, dc_ratios=[1.0, 1.0, 1.1, 1.1, 1.1])
     assert ours.config.beta_schedule == "scaled_linear" and ours.config.solver_type in ("bh1", "bh2")
     assert ours.config.dc_ratios == [1.0, 1.0, 1.1, 1.1, 1.1]
-    assert torch.isfinite(
-        scheduler_loop(ours, torch.randn(1, 4, 8, 8), lambda s, t: 0.1 * s, num_inference_steps=5)
-    ).all()
+    unipc = scheduler_loop(UniPCMultistepScheduler.from_config(source.config), x, model, num_inference_steps=5)
+    plain = scheduler_loop(DCSolverScheduler.from_config(source.config), x, model, num_inference_steps=5)
+    assert float((plain - unipc).abs().max()) <= 1e-5
+    assert not torch.allclose(scheduler_loop(ours, x, model, num_inference_steps=5), unipc, atol=1e-4)
     back = other.from_config(ours.config)
     assert back.config.prediction_type == "v_prediction"
+    assert torch.equal(
+        scheduler_loop(back, x, model, num_inference_steps=5),
+        scheduler_loop(other.from_config(source.config), x, model, num_inference_steps=5),
+    )
 
 
 def test_same_numbers_as_diffusers_after_a_unipc_config_switch():
