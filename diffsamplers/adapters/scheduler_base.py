@@ -57,7 +57,7 @@ from ..prediction import check_prediction_type, to_x0
 from ..schedules.diffusers_compat import DiffusersGrid, Flavour, diffusers_grid, training_tables
 from ..solvers.base import LinearStep, Solver, SolverPlan, SolverState
 from ..solvers.exposure_bias_time_shift import ExposureBiasTimeShift
-from ..step import FiniteCheck, SamplingRun, evaluation_point, step
+from ..step import FiniteCheck, SamplingRun, step
 
 __all__ = ["SolverScheduler", "check_json_config"]
 
@@ -288,9 +288,13 @@ class SolverScheduler(SchedulerMixin):
                 f"model_output shape {tuple(model_output.shape)} does not match sample shape {tuple(sample.shape)}"
             )
         work = compute_dtype(sample.dtype)
-        _, alpha, sigma = evaluation_point(self._run(), k, sample.device)  # per-sample off the grid (time shift)
-        if isinstance(alpha, float) and work == torch.float32 and not self.config.get("float64_x0_conversion"):
+        point = self.solver.evaluation_point(self.plan, self.state, k)  # per-sample (α, σ) off the grid (time shift)
+        if point is not None:
+            _, alpha, sigma = point
+        elif work == torch.float32 and not self.config.get("float64_x0_conversion"):
             alpha, sigma = self._x0_points[k]  # diffusers' float32 (α, σ) from its float32 level
+        else:
+            alpha, sigma = float(self.plan.alpha_t[k]), float(self.plan.sigma_t[k])
         return to_x0(model_output.to(work), sample.to(work), alpha, sigma, self.prediction_type)
 
     def current_model_timesteps(self) -> torch.Tensor | None:
