@@ -381,5 +381,10 @@ def _unipc_shift(config: Mapping[str, Any], t: np.ndarray, mu: float | None) -> 
     terminal = config.get("shift_terminal")
     if terminal:
         one_minus = 1.0 - t
+        if one_minus[-1] == 0.0:
+            raise ValueError(
+                f"shift_terminal={terminal} cannot stretch a grid whose last level is t = 1 (one step at pure noise: "
+                "diffusers' levels are NaN there); use more steps"
+            )
         t = 1.0 - one_minus / (one_minus[-1] / (1.0 - float(terminal)))
     return t

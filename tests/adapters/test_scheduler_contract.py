@@ -106,6 +106,10 @@ def test_flow_config_tables_are_diffusers(ours, theirs):
 
 
 # -- grids -------------------------------------------------------------------------------------------------------
+def _config_id(config: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in config.items()) or "default"
+
+
 GRID_CONFIGS = [
     {},
     dict(timestep_spacing="leading", steps_offset=1),
@@ -126,28 +130,48 @@ GRID_CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize("steps", [1, 7, 25, 999, 1000])
-@pytest.mark.parametrize("final", ["zero", "sigma_min"])
-@pytest.mark.parametrize("config", GRID_CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "default")
-@pytest.mark.parametrize("ours, theirs", PAIRS, ids=lambda c: c.__name__)
+def _applies(theirs: type, config: dict, steps: int) -> bool:
+    """Whether diffusers' class takes the config at that step count (some keys exist for one class only)."""
+    if theirs is DPMSolverMultistepScheduler and (
+        "shift_terminal" in config or (config.get("use_flow_sigmas") and config.get("use_karras_sigmas"))
+    ):
+        return False  # UniPC-only configs
+    if theirs is UniPCMultistepScheduler and ("lambda_min_clipped" in config or "use_lu_lambdas" in config):
+        return False  # DPM-Solver-only configs
+    return not ("shift_terminal" in config and steps == 1)  # diffusers' levels are NaN there (test below)
+
+
+GRID_CASES = [
+    pytest.param(ours, theirs, config, final, steps, id=f"{ours.__name__}-{_config_id(config)}-{final}-{steps}")
+    for ours, theirs in PAIRS
+    for config in GRID_CONFIGS
+    for final in ("zero", "sigma_min")
+    for steps in (1, 7, 25, 999, 1000)
+    if _applies(theirs, config, steps)
+]
+
+
+@pytest.mark.parametrize("ours, theirs, config, final, steps", GRID_CASES)
 def test_grids_are_diffusers_bit_for_bit(ours, theirs, config, final, steps):
     """``timesteps`` and the float32 ``sigmas`` after ``set_timesteps`` equal diffusers', zero-length and rising
     steps included (every ramp with σ_min, 1000 of 1000, a zero-terminal-SNR table's last steps)."""
     config = dict(config, final_sigmas_type=final)
-    if theirs is DPMSolverMultistepScheduler and (
-        "shift_terminal" in config or (config.get("use_flow_sigmas") and config.get("use_karras_sigmas"))
-    ):
-        pytest.skip("a UniPC-only config")
-    if theirs is UniPCMultistepScheduler and ("lambda_min_clipped" in config or "use_lu_lambdas" in config):
-        pytest.skip("a DPM-Solver-only config")
-    if "shift_terminal" in config and steps == 1:
-        pytest.skip("diffusers divides by zero (NaN levels); ours refuses")
     if steps > 25 and (config.get("use_karras_sigmas") or config.get("use_beta_sigmas")):
         steps = 25  # diffusers' per-level Python loop is slow; the grids are the same at any count
     a, b = ours(**config), theirs(**config)
     a.set_timesteps(steps)
     b.set_timesteps(steps)
     assert torch.equal(a.timesteps, b.timesteps) and torch.equal(a.sigmas, b.sigmas)
+
+
+def test_one_step_shift_terminal_grid_is_refused_where_diffusers_gives_nan():
+    config = dict(use_flow_sigmas=True, prediction_type="flow_prediction", shift_terminal=0.1)
+    theirs = UniPCMultistepScheduler(**config)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        theirs.set_timesteps(1)
+    assert not torch.isfinite(theirs.sigmas).all()
+    with pytest.raises(ValueError, match="shift_terminal=0.1 cannot stretch a grid whose last level is t = 1"):
+        DCSolverScheduler(**config).set_timesteps(1)
 
 
 # -- config round trips ------------------------------------------------------------------------------------------
