@@ -25,10 +25,9 @@ from diffsamplers import sample
 from diffsamplers.apps.evaluation import evaluate, validation_set
 from diffsamplers.apps.recipes import parse_solver
 from diffsamplers.apps.registry import load_model
-from diffsamplers.apps.schedule_job import StoppingRule, optimize_for_model
+from diffsamplers.apps.schedule_job import StoppingRule, comparison_schedules, optimize_for_model
 from diffsamplers.apps.tables import markdown_table, write_json
 from diffsamplers.reference import reference_description
-from diffsamplers.schedules import karras, uniform_logsnr, uniform_time
 from diffsamplers.schedules.learned import LearnedSchedule
 from diffsamplers.tuning.ays_optimizer import AYSSettings
 from diffsamplers.tuning.dc_search import search_dc_ratios
@@ -130,15 +129,7 @@ def main() -> None:
             ),
         )
 
-    stages_of_10 = "→".join(map(str, sorted(learned[10].stages)))  # 10→20→40 with the paper's refinements
-    schedules = {
-        "uniform time": lambda n: uniform_time(process, n),
-        "uniform logSNR": lambda n: uniform_logsnr(process, n),
-        "Karras ρ=7 (σ_min, then 0)": lambda n: karras(process, n),
-        "Karras ρ=7 (last → 0)": lambda n: karras(process, n, final="zero"),
-        "AYS learned at this NFE": lambda n: learned[n].schedule(n),
-        f"AYS learned {stages_of_10}, interpolated": lambda n: learned[10].schedule(n),
-    }
+    schedules = comparison_schedules(process, learned)
     rows = {}
     for name, build in schedules.items():
         rows[name] = {}

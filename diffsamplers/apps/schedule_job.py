@@ -9,13 +9,15 @@ DC-Solver's own error with its ratios searched afresh for every candidate schedu
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..noise import NoiseProcess
 from ..reference import REFERENCE_STEPS
 from ..schedules.learned import LearnedSchedule
+from ..schedules.schedule import Schedule
 from ..schedules.spacing import karras, uniform_logsnr, uniform_time
 from ..tuning.ays_optimizer import AYSSettings, optimize_schedule
 from ..tuning.dc_schedule_metric import SearchedDCErrorMetric
@@ -25,7 +27,7 @@ from .evaluation import validation_set
 from .recipes import parse_solver
 from .registry import ModelBundle, load_model
 
-__all__ = ["StoppingRule", "optimize_for_model"]
+__all__ = ["StoppingRule", "comparison_schedules", "optimize_for_model"]
 
 
 @dataclass(frozen=True)
@@ -127,3 +129,20 @@ def _plot(bundle: ModelBundle, learned: LearnedSchedule, n: int, path: str | Pat
     }
     stages = {"AYS learned" + (f", stage {i + 1}" if i else ""): v for i, v in enumerate(learned.stages.values())}
     plot_schedules(path, {**stages, **baselines}, learned.metadata["klub_history"], f"AYS learned: {model}")
+
+
+def comparison_schedules(
+    process: NoiseProcess, learned: Mapping[int, LearnedSchedule]
+) -> dict[str, Callable[[int], Schedule]]:
+    """The schedules the AYS tables compare, by name, as builders of an n-step schedule: the hand-made ones
+    (uniform time, uniform logSNR, Karras ρ = 7 ending at σ_min then 0, or with the last level replaced by 0),
+    the schedule learned at each NFE, and the 10-step one (with its refinements) interpolated to n steps."""
+    stages_of_10 = "→".join(map(str, sorted(learned[10].stages))) if 10 in learned else "10"
+    return {
+        "uniform time": lambda n: uniform_time(process, n),
+        "uniform logSNR": lambda n: uniform_logsnr(process, n),
+        "Karras ρ=7 (σ_min, then 0)": lambda n: karras(process, n),
+        "Karras ρ=7 (last → 0)": lambda n: karras(process, n, final="zero"),
+        "AYS learned at this NFE": lambda n: learned[n].schedule(n),
+        f"AYS learned {stages_of_10}, interpolated": lambda n: learned[10].schedule(n),
+    }

@@ -14,7 +14,7 @@ from diffsamplers.apps.cli import main
 from diffsamplers.data import load_digits_dataset
 from diffsamplers.models.gmm import default_mixture, default_process
 from diffsamplers.noise import VarianceExploding
-from diffsamplers.schedules import karras, uniform_logsnr, uniform_time
+from diffsamplers.schedules import karras, uniform_logsnr
 from diffsamplers.schedules.learned import LearnedSchedule
 from diffsamplers.teleport.gaussian import GaussianDenoiser
 from diffsamplers.teleport.statistics import GaussianStatistics
@@ -214,6 +214,7 @@ def test_published_learned_schedules_on_the_mixture():
     0.0498. At 5 and 7 steps it won on every set."""
     from diffsamplers.apps.evaluation import evaluate, validation_set
     from diffsamplers.apps.registry import load_model
+    from diffsamplers.apps.schedule_job import comparison_schedules
 
     published = json.loads((DOCS_AYS / "gmm_dpm++2m.json").read_text())
     args = published["args"]
@@ -230,14 +231,7 @@ def test_published_learned_schedules_on_the_mixture():
     evaluation = validation_set(
         bundle, args["eval_samples"], args["eval_seed"], reference_steps=args["reference_steps"]
     )
-    schedules = {
-        "uniform time": lambda n: uniform_time(process, n),
-        "uniform logSNR": lambda n: uniform_logsnr(process, n),
-        "Karras ρ=7 (σ_min, then 0)": lambda n: karras(process, n),
-        "Karras ρ=7 (last → 0)": lambda n: karras(process, n, final="zero"),
-        "AYS learned at this NFE": lambda n: learned[n].schedule(n),
-        "AYS learned 10→20→40, interpolated": lambda n: learned[10].schedule(n),
-    }
+    schedules = comparison_schedules(process, learned)
     assert set(published["rows"]) == set(schedules)
 
     def rms(schedule):
