@@ -1,4 +1,4 @@
-"""Shared fixtures; ``--runslow`` enables the slow checks, GPU checks skip without CUDA."""
+"""Shared fixtures; GPU checks skip without CUDA (every other test runs by default: no slow tier)."""
 
 from __future__ import annotations
 
@@ -10,16 +10,9 @@ import torch
 warnings.filterwarnings("ignore", category=FutureWarning)
 
 
-def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
-
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    skip_slow = pytest.mark.skip(reason="slow: run with --runslow")
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
-        if "slow" in item.keywords and not config.getoption("--runslow"):
-            item.add_marker(skip_slow)
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
 

@@ -1,6 +1,6 @@
 """Peak memory of ``sample()``: no autograd graph by default, even for a model with trainable weights.
 
-The README's "From Python" example (a diffusers UNet loaded with ``requires_grad`` weights, classifier-free
+The first README's "From Python" example (a diffusers UNet loaded with ``requires_grad`` weights, classifier-free
 guidance, 8×4×32×32, 20 steps) was killed by the OOM killer at ~24 GB while ``sample()`` kept the graph of every
 step; it now builds none unless ``enable_grad=True``.
 

@@ -22,7 +22,7 @@ all ratios together, from the greedy ones, by Adam on the whole trajectory's dis
 L(ρ) = Σ_k MSE(x_k(ρ), x^GT_k) over every level k = 1 … N of a full sampling run (gradients through every
 model call). The greedy search fixes ρ_i before seeing how later steps use it; under strong classifier-free
 guidance that myopia costs accuracy: on the bundled digits model at scale 7.5 the refinement makes DC-Solver
-beat every baseline, while on the exact mixtures it can send rare trajectories astray (README tables). The
+beat every baseline, while on the exact mixtures it can send rare trajectories astray (docs/dc_solver.md). The
 best iterate by L (the greedy start included) is kept, so the refined ratios never fit the search data worse.
 """
 

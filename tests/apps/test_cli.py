@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def default_compare(tmp_path_factory):
-    """The main job exactly as the README runs it (default NFEs, methods and samples)."""
+    """`diffsamplers compare` as the README runs it (default NFEs, methods and samples)."""
     out = tmp_path_factory.mktemp("compare")
     assert main(["compare", "--json", str(out / "c.json"), "--plot", str(out / "c.png"), "--quiet"]) == 0
     return json.loads((out / "c.json").read_text()), out

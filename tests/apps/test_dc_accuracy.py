@@ -3,11 +3,11 @@
 Every method starts from the same 64 noises (and class labels) as the reference solution of the same (guided)
 ODE; ratios are searched on 10 other noises (the paper's count). Errors: RMS over samples (√MSE) and the
 median per-sample RMS. The grid is the DC paper's diffusers setting: UniPC bh2 order 2, linspace timesteps,
-ending at σ_min. Measured values (the README's tables use 256 samples): see the comments.
+ending at σ_min. Measured values (docs/dc_solver.md's tables use 256 samples): see the comments.
 
 Under guidance 7.5 the exact guided mixture makes 1–5 % of UniPC's trajectories go astray (per-sample errors
 above 1 where the typical one is 0.1); the RMS then depends on those few samples, and on RMS the
-UniPC-based DC-Solver beats DPM-Solver++ on some evaluation sets and not on others (README). The claims
+UniPC-based DC-Solver beats DPM-Solver++ on some evaluation sets and not on others (docs/dc_solver.md). The claims
 tested under guidance are the robust ones: the typical (median) sample, and RMS against its own base.
 """
 
@@ -84,8 +84,8 @@ def test_cpr_recovers_the_searched_gain_off_the_grid(conditional):
 
 
 def test_joint_refinement_beats_every_baseline_on_digits_under_strong_guidance():
-    """The README's digits claim at its hardest point, in small: guidance 7.5, NFE 5, where the paper's greedy
-    search loses to DPM-Solver++ 2M and the joint refinement beats it (README, 256 noises: 0.151 vs 0.171).
+    """The digits claim of docs/dc_solver.md at its hardest point, in small: guidance 7.5, NFE 5, where the paper's greedy
+    search loses to DPM-Solver++ 2M and the joint refinement beats it (docs/dc_solver.md, 256 noises: 0.151 vs 0.171).
     32 noises and a 300-step reference here."""
     report = evaluate_dc(
         load_model("digits"),

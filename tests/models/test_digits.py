@@ -20,7 +20,7 @@ from diffsamplers.models.digits import DIGITS_CLASSIFIER_DIR, DIGITS_PIPELINE_DI
 #: Guidance used for the class-fidelity check (the `diffsamplers sample` default).
 GUIDANCE = 2.0
 #: FD-digits of 1,000 model samples may exceed that of the 359 held-out real digits by at most this factor
-#: (measured: see the README; held-out data themselves score about 9.6 against the training digits).
+#: (measured: see docs/digits.md; held-out data themselves score about 9.6 against the training digits).
 FD_BOUND = 1.0
 
 
