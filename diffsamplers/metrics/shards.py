@@ -81,7 +81,7 @@ class ShardRun:
             if previous.get("config_hash") != self.config_hash:
                 raise ValueError(
                     f"{self.directory} holds samples of another configuration ({previous.get('config')}); "
-                    "use a new --out directory"
+                    "use a new output directory"
                 )
             return
         tmp = meta.with_suffix(".tmp")
