@@ -23,9 +23,10 @@ def scheduler_loop(
 ) -> torch.Tensor:
     """Run a diffusers-style scheduler through a full loop, as a pipeline does."""
     scheduler.set_timesteps(**set_timesteps_kwargs)
-    x = x * scheduler.init_noise_sigma
+    x = x * getattr(scheduler, "init_noise_sigma", 1.0)  # FlowMatch schedulers have none (σ = 1)
     for i, t in enumerate(scheduler.timesteps):
-        out = model(scheduler.scale_model_input(x, t), t)
+        scale = getattr(scheduler, "scale_model_input", None)  # FlowMatch schedulers have none
+        out = model(x if scale is None else scale(x, t), t)
         kwargs = {} if noise is None else {"variance_noise": noise[i]}
         x = scheduler.step(out.to(x.dtype), t, x, **kwargs).prev_sample
     return x

@@ -15,7 +15,11 @@ any pipeline without changing its code:
    this package's schedulers (e.g. a :class:`~diffsamplers.DCSolverScheduler`), the same class;
 2. a forward pre-hook on the denoising network (``pipe.unet`` or ``pipe.transformer``) replaces the timestep
    argument by the scheduler's per-sample timesteps (:meth:`SolverScheduler.current_model_timesteps`) at the
-   steps where samples were shifted, repeated over the classifier-free-guidance batch.
+   steps where samples were shifted, repeated over the classifier-free-guidance batch, in the pipeline's units
+   (a float timestep is scaled by the pipeline's value over the scheduler's: Flux passes t/1000).
+
+On a flow-matching pipeline (SD3, Flux …) step 1 builds the flow scheduler from the FlowMatch config
+(:mod:`diffsamplers.adapters.source_config`).
 
 ``handle.remove()`` restores the original scheduler and removes the hook::
 
@@ -76,6 +80,12 @@ def time_shift_model_hook(scheduler: SolverScheduler):
         if batch % ts.shape[0] != 0:
             raise ValueError(f"model batch {batch} is not a multiple of the {ts.shape[0]} time-shifted samples")
         ts = ts.to(sample.device).repeat(batch // ts.shape[0])
+        given = args[1] if len(args) >= 2 else kwargs.get("timestep")
+        if isinstance(given, torch.Tensor) and given.is_floating_point():
+            # keep the pipeline's units (Flux passes t/1000): scale by its timestep over the scheduler's, on the device
+            k = scheduler.step_index if scheduler.step_index is not None else (scheduler.begin_index or 0)
+            nominal = scheduler.timesteps[k].to(device=given.device, dtype=given.dtype)
+            ts = ts.to(given.dtype) * (given.reshape(-1)[:1] / nominal)
         if len(args) >= 2:
             return (args[0], ts, *args[2:]), kwargs
         return args, {**kwargs, "timestep": ts}

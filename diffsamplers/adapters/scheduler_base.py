@@ -43,6 +43,7 @@ import json
 import logging
 import math
 from abc import abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -54,10 +55,11 @@ from diffusers.utils.torch_utils import randn_tensor
 from ..denoiser import compute_dtype
 from ..noise import DiscreteVP, NoiseProcess, RectifiedFlow, noise_process_from_config
 from ..prediction import check_prediction_type, to_x0
-from ..schedules.diffusers_compat import DiffusersGrid, Flavour, diffusers_grid, training_tables
+from ..schedules.diffusers_compat import DiffusersGrid, Flavour, check_flow_config, diffusers_grid, training_tables
 from ..solvers.base import LinearStep, Solver, SolverPlan, SolverState
 from ..solvers.exposure_bias_time_shift import ExposureBiasTimeShift
 from ..step import FiniteCheck, SamplingRun, step
+from .source_config import read_source_config
 
 __all__ = ["SolverScheduler", "check_json_config"]
 
@@ -108,9 +110,21 @@ class SolverScheduler(SchedulerMixin):
     _flavour: ClassVar[Flavour] = "dpmsolver"
 
     # -- set up ---------------------------------------------------------------------------------
+    @classmethod
+    def from_config(
+        cls, config: Mapping[str, Any] | None = None, return_unused_kwargs: bool = False, **kwargs: Any
+    ) -> Any:
+        """diffusers' ``from_config`` (also behind ``from_pretrained``), reading a ``FlowMatchEulerDiscreteScheduler``
+        config as the flow scheduler it means (:mod:`diffsamplers.adapters.source_config`); keyword arguments
+        override the translated keys."""
+        if isinstance(config, Mapping):
+            config, kwargs = read_source_config(config, kwargs, cls.__name__)
+        return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
     def _setup(self) -> None:
         cfg = self.config
         check_json_config(cfg, type(self).__name__)
+        check_flow_config(cfg, self._flavour)
         self.prediction_type = check_prediction_type(cfg.prediction_type)
         self.process: NoiseProcess = noise_process_from_config(cfg)
         tables = training_tables(cfg)
@@ -214,19 +228,34 @@ class SolverScheduler(SchedulerMixin):
     ) -> None:
         """Build diffusers' grid and precompute the solver's coefficients (on the host, in float64).
 
-        Exactly one of ``num_inference_steps``, ``timesteps`` (training timesteps, decreasing) or ``sigmas`` must be
-        given (``sigmas``: the noise levels including the final one — flow times for flow models — except for
-        UniPC on a flow model, which takes diffusers' n flow times and shifts them). ``mu`` is the dynamic flow
-        shift (``use_dynamic_shifting``): DPM-Solver stores e^μ as its ``flow_shift``, as diffusers does; UniPC
-        applies ``time_shift_type`` to it.
+        VP models: exactly one of ``num_inference_steps``, ``timesteps`` (training timesteps, decreasing) or
+        ``sigmas`` (the noise levels σ̃ including the final one). Flow models (``use_flow_sigmas``):
+        ``FlowMatchEulerDiscreteScheduler``'s semantics — ``sigmas`` (n flow times without the final 0, t = 1
+        allowed) and/or ``timesteps`` (n model timesteps; levels timesteps/N), shifted as the scheduler's own grid,
+        n steps; ``num_inference_steps`` may accompany them if it equals their length. ``mu`` is the dynamic flow
+        shift, required with ``use_dynamic_shifting`` and ignored without it on flow models (as FlowMatchEuler and
+        UniPC do; flow pipelines pass it whenever ``set_timesteps`` takes it); DPM-Solver stores e^μ as its
+        ``flow_shift``, as diffusers does.
         """
-        if mu is not None and self._flavour == "dpmsolver":
-            if not self.config.get("use_dynamic_shifting", False):
-                raise ValueError("mu is only used with use_dynamic_shifting=True")
-            self.register_to_config(flow_shift=math.exp(mu))
-            mu = None
+        if mu is not None:
+            mu = self._dynamic_shift(mu)
         grid = diffusers_grid(self.process, self.config, num_inference_steps, timesteps, sigmas, mu, self._flavour)
         self._set_schedule(grid, device)
+
+    def _dynamic_shift(self, mu: float) -> float | None:
+        """``mu`` as the grid uses it: refused for VP models, dropped without dynamic shifting."""
+        if not isinstance(self.process, RectifiedFlow):
+            raise ValueError(
+                f"mu={mu!r} is the dynamic flow shift: it needs a flow config (use_flow_sigmas=True with "
+                "use_dynamic_shifting=True); this scheduler has a VP model"
+            )
+        if not self.config.get("use_dynamic_shifting", False):
+            logger.debug("mu=%s ignored: use_dynamic_shifting=False", mu)
+            return None
+        if self._flavour == "dpmsolver":  # diffusers' DPM-Solver keeps the shift in its config
+            exponential = self.config.get("time_shift_type", "exponential") == "exponential"
+            self.register_to_config(flow_shift=math.exp(mu) if exponential else float(mu))
+        return float(mu)
 
     def _set_schedule(self, grid: DiffusersGrid, device: str | torch.device | None) -> None:
         self.plan = self.solver.plan(self.process, grid.schedule)

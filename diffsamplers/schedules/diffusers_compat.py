@@ -32,9 +32,15 @@ default off — builds grids without repeats instead: repeated rounded timesteps
 (:func:`~diffsamplers.schedules.spacing.diffusers_spacing`), ramps and UniPC's flow grid get n + 1 levels that end
 at σ_min, and grids that still do not fall strictly are refused.
 
-Extensions where diffusers raises (documented in ``docs/parity.md``): ``sigmas=`` for every model — the levels
-including the final one, used exactly (flow models: flow times), as ``EulerDiscreteScheduler`` takes them —
-except UniPC's flow-model convention above, and ``timesteps=`` for UniPC (DPM-Solver's rule).
+**Flow models** (``use_flow_sigmas``): ``sigmas=`` and ``timesteps=`` follow ``FlowMatchEulerDiscreteScheduler``
+— n flow times without the final level (t = 1 allowed; it is planned at 1 − 10⁻⁶), shifted like the scheduler's own
+grid, n steps — for both flavours (diffusers' DPM-Solver takes neither; UniPC takes ``sigmas=`` so). DPM-Solver's
+grids also take ``shift_terminal`` and the linear time shift (μ as the shift). :func:`check_flow_config` refuses
+contradictory flow keys.
+
+Other extensions where diffusers raises (documented in ``docs/parity.md``): ``sigmas=`` for VP models — the levels
+including the final one, used exactly, as ``EulerDiscreteScheduler`` takes them — and ``timesteps=`` for UniPC
+(DPM-Solver's rule).
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ from .spacing import beta, check_num_steps, diffusers_spacing, diffusers_timeste
 
 __all__ = [
     "DiffusersGrid",
+    "check_flow_config",
     "Flavour",
     "SIGMA_OPTIONS",
     "TrainingTables",
@@ -164,8 +171,15 @@ def diffusers_grid(
     flavour: Flavour | None = None,
 ) -> DiffusersGrid:
     """The grid diffusers' DPM-Solver (``flavour="dpmsolver"``) or UniPC scheduler builds for ``config``; see the
-    module docstring. ``mu`` is the dynamic flow shift (the scheduler checks ``use_dynamic_shifting``)."""
+    module docstring. ``mu`` is the dynamic flow shift (the scheduler checks ``use_dynamic_shifting``).
+
+    On flow models ``sigmas`` and ``timesteps`` follow ``FlowMatchEulerDiscreteScheduler``: n levels without the
+    final one (t = 1 allowed), shifted like the scheduler's own grid; either or both may be given, and
+    ``num_inference_steps`` with them if it equals their length.
+    """
     request = _request(process, config, flavour or grid_flavour(config))
+    if request.flow and (sigmas is not None or timesteps is not None):
+        return _flow_custom_grid(request, num_inference_steps, sigmas, timesteps, mu)
     given = [
         name
         for name, v in (("num_inference_steps", num_inference_steps), ("timesteps", timesteps), ("sigmas", sigmas))
@@ -176,11 +190,6 @@ def diffusers_grid(
     if sigmas is not None:
         if request.option is not None:
             raise ValueError(f"custom sigmas cannot be combined with {request.option}=True")
-        if request.flavour == "unipc" and request.flow:
-            custom = np.asarray(sigmas, dtype=np.float64).reshape(-1)
-            if custom.size == 0 or not np.all(np.isfinite(custom)):
-                raise ValueError(f"custom sigmas must be finite flow times, got {custom.tolist()}")
-            return _flow_grid(request, 0, mu, custom=custom)
         return _custom_sigmas(request, sigmas)
     if timesteps is not None:
         return _custom_timesteps(request, timesteps)
@@ -218,26 +227,59 @@ def _request(process: NoiseProcess, config: Mapping[str, Any], flavour: Flavour)
         raise ValueError("use_flow_sigmas needs a rectified-flow noise process, and a flow process needs it")
     if not isinstance(process, (DiscreteVP, RectifiedFlow)):
         raise TypeError(f"diffusers' grids need a discrete VP or a rectified-flow process, got {process!r}")
+    check_flow_config(config, flavour)
     option = options[0] if options else None
-    if (
-        option is not None
-        and isinstance(process, RectifiedFlow)
-        and (flavour, option) != ("unipc", "use_karras_sigmas")
-    ):
-        raise ValueError(
-            f"{option} with use_flow_sigmas: diffusers' {flavour} scheduler uses the VP noise levels as flow times "
-            "there (t > 1); only UniPC's Karras sigmas convert them"
-        )
     table = training_tables(config).sigmas.numpy()
     return _Request(flavour, config, process, table, final, option, bool(config.get("strictly_decreasing_sigmas")))
 
 
+def check_flow_config(config: Mapping[str, Any], flavour: Flavour) -> None:
+    """Refuse a config whose flow-matching keys contradict each other, naming the keys (raised at construction).
+
+    ``prediction_type="flow_prediction"`` needs ``use_flow_sigmas=True`` (a velocity on VP levels means nothing);
+    with flow sigmas, the Karras / Lu / exponential / beta options are refused except UniPC's Karras sigmas (diffusers
+    uses the VP noise levels as flow times there, t > 1); ``time_shift_type`` is ``"exponential"`` or ``"linear"``;
+    ``shift_terminal`` lies in (0, 1).
+    """
+    flow = bool(config.get("use_flow_sigmas"))
+    if config.get("prediction_type") == "flow_prediction" and not flow:
+        raise ValueError(
+            "prediction_type='flow_prediction' with use_flow_sigmas=False: a flow-matching model needs flow sigmas; "
+            "pass use_flow_sigmas=True (and flow_shift / use_dynamic_shifting as the model's FlowMatch scheduler "
+            "had them), or the prediction type of a VP model"
+        )
+    time_shift_type = config.get("time_shift_type", "exponential")
+    if time_shift_type not in ("exponential", "linear"):
+        raise ValueError(f"time_shift_type must be 'exponential' or 'linear', got {time_shift_type!r}")
+    if not flow:
+        return
+    terminal = config.get("shift_terminal")
+    if terminal is not None and not 0.0 < float(terminal) < 1.0:
+        raise ValueError(f"shift_terminal must lie in (0, 1) (a flow time), got {terminal!r}")
+    for option in _OPTIONS[flavour]:
+        if config.get(option) and (flavour, option) != ("unipc", "use_karras_sigmas"):
+            raise ValueError(
+                f"{option}=True with use_flow_sigmas=True: diffusers' {flavour} scheduler uses the VP noise levels "
+                "as flow times there (t > 1), which no flow model was trained on; only UniPC's Karras sigmas convert "
+                f"them. Pass {option}=False (a flow grid is shifted with flow_shift / mu instead)"
+            )
+
+
 # -- the grids -----------------------------------------------------------------------------------------------------
-def _finish(request: _Request, levels: np.ndarray, ts: np.ndarray, spacing: str, exact: bool = False) -> DiffusersGrid:
+def _finish(
+    request: _Request,
+    levels: np.ndarray,
+    ts: np.ndarray,
+    spacing: str,
+    exact: bool = False,
+    stored: np.ndarray | None = None,
+) -> DiffusersGrid:
     """The grid of n + 1 ``levels`` (diffusers' units) and n timesteps; the schedule uses the float32 levels unless
-    ``exact`` (an extension's explicit list, used as given)."""
-    stored = np.asarray(levels, dtype=np.float64).astype(np.float32)
-    used = np.asarray(levels, dtype=np.float64) if exact else stored.astype(np.float64)
+    ``exact`` (an extension's explicit list, used as given). ``scheduler.sigmas`` keeps ``stored`` if given (the
+    levels as asked, where the plan moved t = 1 below 1)."""
+    levels = np.asarray(levels, dtype=np.float64)
+    used = levels if exact else levels.astype(np.float32).astype(np.float64)
+    stored = np.asarray(levels if stored is None else stored, dtype=np.float64).astype(np.float32)
     if request.flow:
         with np.errstate(divide="ignore"):
             used = used / (1.0 - used)  # σ̃ = t/(1 − t)
@@ -271,10 +313,7 @@ def _last_timestep(request: _Request) -> int:
 
 def _on_training_table(request: _Request, ts: np.ndarray, spacing: str) -> DiffusersGrid:
     """Integer timesteps with their training levels (clamped outside the table, as ``np.interp``) and the final."""
-    if request.flow:
-        levels = ts.astype(np.float64) / request.num_train
-    else:
-        levels = np.interp(ts, np.arange(request.table.size), request.table)
+    levels = np.interp(ts, np.arange(request.table.size), request.table)
     return _finish(request, np.append(levels, request.final_level(levels)), ts.astype(np.float64), spacing)
 
 
@@ -285,9 +324,7 @@ def _custom_timesteps(request: _Request, timesteps: Any) -> DiffusersGrid:
     if ts.size == 0:
         raise ValueError("timesteps must not be empty")
     # diffusers clamps the levels of timesteps outside 0 … N − 1 to the table's ends (np.interp) and feeds the
-    # timesteps as given; a flow model (an extension here) has no level outside them.
-    if request.flow and (ts.min() < 0 or ts.max() > request.num_train - 1):
-        raise ValueError(f"timesteps {ts.min()}..{ts.max()} fall outside the model's range 0..{request.num_train - 1}")
+    # timesteps as given.
     return _on_training_table(request, ts, "custom")
 
 
@@ -300,9 +337,8 @@ def _custom_sigmas(request: _Request, sigmas: Any) -> DiffusersGrid:
         raise ValueError(f"custom sigmas contain a non-finite value: {levels.tolist()}")
     if np.any(np.diff(levels) >= 0):
         raise ValueError(f"custom sigmas must be strictly decreasing, got {levels.tolist()}")
-    tilde = levels / (1.0 - levels) if request.flow else levels
-    Schedule(tilde).check_range(request.process)
-    ts = request.process.timestep_from_sigma_tilde(tilde[:-1])
+    Schedule(levels).check_range(request.process)
+    ts = request.process.timestep_from_sigma_tilde(levels[:-1])
     return _finish(request, levels, ts, "custom_sigmas", exact=True)
 
 
@@ -348,43 +384,133 @@ def _timesteps_of_levels(levels: np.ndarray, table: np.ndarray) -> np.ndarray:
     return (1.0 - w) * low + w * (low + 1)
 
 
-def _flow_grid(request: _Request, n: int, mu: float | None, custom: np.ndarray | None = None) -> DiffusersGrid:
+def _flow_grid(request: _Request, n: int, mu: float | None) -> DiffusersGrid:
     """The flow-matching grid of DPM-Solver (1 − linspace, shifted) or UniPC (linspace, shifted, stretched)."""
     big_n = request.num_train
     if request.flavour == "dpmsolver":
-        shift = float(request.config.get("flow_shift", 1.0)) if mu is None else math.exp(mu)
+        shift = _static_shift(request.config, mu)
         base = 1.0 - np.linspace(1.0, 1.0 / big_n, n + 1)
-        t = np.flip(shift * base / (1.0 + (shift - 1.0) * base))[:-1]
+        t = _stretch_to_terminal(request.config, np.flip(shift * base / (1.0 + (shift - 1.0) * base))[:-1])
         return _finish(request, np.append(t, request.final_level(t)), np.trunc(t * big_n), "flow")
-    keep_end = request.strict and request.final == "sigma_min" and custom is None
-    t = custom if custom is not None else np.linspace(1.0, 1.0 / big_n, n + 1)[: n + int(keep_end)]
-    t = _unipc_shift(request.config, t, mu)
-    if abs(t[0] - 1.0) < 1e-6:
-        t[0] -= 1e-6  # diffusers: λ would be −∞ at t = 1
+    keep_end = request.strict and request.final == "sigma_min"
+    t = _shift_flow_times(request.config, np.linspace(1.0, 1.0 / big_n, n + 1)[: n + int(keep_end)], mu)
+    t = _below_one(t)
     count = t.size - int(keep_end)
     levels = t if keep_end else np.append(t, request.final_level(t))
     return _finish(request, levels, np.trunc(t[:count] * big_n), "flow")
 
 
-def _unipc_shift(config: Mapping[str, Any], t: np.ndarray, mu: float | None) -> np.ndarray:
-    """UniPC's shift of flow times: ``flow_shift``, or the exponential / linear dynamic shift e^μ resp. μ, then the
-    stretch to ``shift_terminal`` (LTX-Video's rule)."""
+def _flow_custom_grid(request: _Request, n: int | None, sigmas: Any, timesteps: Any, mu: float | None) -> DiffusersGrid:
+    """``FlowMatchEulerDiscreteScheduler``'s ``set_timesteps(sigmas=…, timesteps=…)`` on a flow model.
+
+    n flow times without the final level (``sigmas``, or ``timesteps``/N), in (0, 1] and strictly decreasing, are
+    shifted as the scheduler's own grid (``flow_shift``, or ``mu`` with ``use_dynamic_shifting``; then
+    ``shift_terminal``) and the final level is appended: n levels give n steps. The network receives the given
+    ``timesteps``, else N·t — FlowMatchEuler's float timesteps for DPM-Solver, diffusers' truncated ones for UniPC.
+    A first level of t = 1 (pure noise, λ = −∞) is planned at 1 − 10⁻⁶, as diffusers' UniPC plans it.
+    """
+    big_n = request.num_train
+    if request.option is not None:
+        raise ValueError(f"custom sigmas or timesteps cannot be combined with {request.option}=True")
+    given_ts = None if timesteps is None else np.asarray(timesteps, dtype=np.float64).reshape(-1)
+    if sigmas is not None:
+        t = _check_flow_times("sigmas", np.asarray(sigmas, dtype=np.float64).reshape(-1))
+        if given_ts is not None and given_ts.size != t.size:
+            raise ValueError(f"sigmas ({t.size}) and timesteps ({given_ts.size}) must have the same length")
+    else:
+        assert given_ts is not None
+        t = _check_flow_times(f"timesteps / num_train_timesteps ({big_n})", given_ts / big_n)
+    if n is not None and int(n) != t.size:
+        raise ValueError(
+            f"num_inference_steps={n} does not match the {t.size} custom levels; pass one or the other, or equal counts"
+        )
+    t = _shift_flow_times(request.config, t, mu)
+    if request.flavour == "dpmsolver":
+        stored = np.append(t, request.final_level(t))
+        ts = given_ts if given_ts is not None else stored[:-1].astype(np.float32) * np.float32(big_n)
+        planned = stored.copy()
+        planned[0] = min(planned[0], _BELOW_ONE)
+        return _finish(request, planned, np.asarray(ts, dtype=np.float64), "flow_custom", stored=stored)
+    t = _below_one(t)
+    ts = given_ts if given_ts is not None else np.trunc(t * big_n)
+    return _finish(request, np.append(t, request.final_level(t)), ts, "flow_custom")
+
+
+#: The highest flow time a grid plans on: diffusers' UniPC moves t = 1 (λ = −∞) there.
+_BELOW_ONE = 1.0 - 1e-6
+
+
+def _below_one(t: np.ndarray) -> np.ndarray:
+    """diffusers' UniPC: a first level of t = 1 (to 10⁻⁶) is lowered by 10⁻⁶ (λ would be −∞ there)."""
+    t = np.array(t, dtype=np.float64)
+    if abs(t[0] - 1.0) < 1e-6:
+        t[0] -= 1e-6
+    return t
+
+
+def _check_flow_times(name: str, t: np.ndarray) -> np.ndarray:
+    """Custom flow times: non-empty, finite, in (0, 1], strictly decreasing (the final 0 is appended)."""
+    if t.size == 0:
+        raise ValueError(f"custom {name} must not be empty")
+    if not np.all(np.isfinite(t)) or np.any(t <= 0.0) or np.any(t > 1.0):
+        bad = t[~(np.isfinite(t) & (t > 0.0) & (t <= 1.0))]
+        raise ValueError(
+            f"custom {name} must be flow times in (0, 1] (the final 0 is appended), got {bad[:3].tolist()} "
+            f"in {t.tolist()}"
+        )
+    if np.any(np.diff(t) >= 0):
+        raise ValueError(f"custom {name} must be strictly decreasing, got {t.tolist()}")
+    return t
+
+
+def _static_shift(config: Mapping[str, Any], mu: float | None) -> float:
+    """DPM-Solver's shift: ``flow_shift``, or with ``use_dynamic_shifting`` e^μ (``time_shift_type="linear"``: μ)."""
+    if not config.get("use_dynamic_shifting"):
+        return float(config.get("flow_shift", 1.0))
+    mu = _required_mu(mu)
+    return math.exp(mu) if config.get("time_shift_type", "exponential") == "exponential" else float(mu)
+
+
+def _required_mu(mu: float | None) -> float:
+    if mu is None:
+        raise ValueError(
+            "mu must be passed to set_timesteps when use_dynamic_shifting=True (flow pipelines compute it from the "
+            "image size with base_shift / max_shift)"
+        )
+    if not math.isfinite(float(mu)):
+        raise ValueError(f"mu must be finite, got {mu!r}")
+    return float(mu)
+
+
+def _apply_shift(t: np.ndarray, shift: float) -> np.ndarray:
+    """The flow shift t ↦ s·t / (1 + (s − 1)·t) (SD3, Esser et al. 2024, eq. 23)."""
+    if not shift > 0:
+        raise ValueError(f"the flow shift must be positive, got {shift!r}")
+    return shift * t / (1.0 + (shift - 1.0) * t)
+
+
+def _shift_flow_times(config: Mapping[str, Any], t: np.ndarray, mu: float | None) -> np.ndarray:
+    """UniPC's (and FlowMatchEuler's) shift of flow times: ``flow_shift``, or the exponential / linear dynamic shift
+    e^μ resp. μ, then the stretch to ``shift_terminal``."""
     t = np.asarray(t, dtype=np.float64).copy()
     if config.get("use_dynamic_shifting"):
-        if mu is None:
-            raise ValueError("mu must be passed to set_timesteps when use_dynamic_shifting=True")
-        scale = math.exp(mu) if config.get("time_shift_type", "exponential") == "exponential" else float(mu)
+        mu = _required_mu(mu)
+        scale = math.exp(mu) if config.get("time_shift_type", "exponential") == "exponential" else mu
         t = scale / (scale + (1.0 / t - 1.0))
     else:
-        shift = float(config.get("flow_shift", 1.0))
-        t = shift * t / (1.0 + (shift - 1.0) * t)
+        t = _apply_shift(t, float(config.get("flow_shift", 1.0)))
+    return _stretch_to_terminal(config, t)
+
+
+def _stretch_to_terminal(config: Mapping[str, Any], t: np.ndarray) -> np.ndarray:
+    """Stretch decreasing flow times so that the last one is ``shift_terminal`` (LTX-Video's rule, as diffusers')."""
     terminal = config.get("shift_terminal")
-    if terminal:
-        one_minus = 1.0 - t
-        if one_minus[-1] == 0.0:
-            raise ValueError(
-                f"shift_terminal={terminal} cannot stretch a grid whose last level is t = 1 (one step at pure noise: "
-                "diffusers' levels are NaN there); use more steps"
-            )
-        t = 1.0 - one_minus / (one_minus[-1] / (1.0 - float(terminal)))
-    return t
+    if not terminal:
+        return t
+    one_minus = 1.0 - t
+    if one_minus[-1] == 0.0:
+        raise ValueError(
+            f"shift_terminal={terminal} cannot stretch a grid whose last level is t = 1 (one step at pure noise: "
+            "diffusers' levels are NaN there); use more steps"
+        )
+    return 1.0 - one_minus / (one_minus[-1] / (1.0 - float(terminal)))
