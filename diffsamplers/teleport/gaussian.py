@@ -23,11 +23,17 @@ fraction of the model's x̂0 variation (across the probes) the Gaussian denoiser
     e_k = Σ_b ‖D_θ(x_k,b) − D_G(x_k,b)‖² / Σ_b ‖D_θ(x_k,b) − mean_b D_θ(x_k,·)‖²;
 
 the skip is the largest k with e_j ≤ ``tolerance`` for every j ≤ k (the landing level included), found top
-down with one batched model call per level until the first failure.
+down with one batched model call per level until the first failure. A level where the model's x̂0 does not
+vary across the probes by more than :data:`RESOLUTION` times its floating-point resolution (eps of its dtype
+× RMS x̂0) is not measured (e_k = NaN) and passes: there both denoisers equal the data mean μ to within the
+model's rounding, so the ratio is rounding over rounding. This happens where α_k ≈ 0 — a rectified-flow
+model's start at t = 1 − 10⁻⁶ (α = 10⁻⁶: x̂0 varies by ~10⁻⁷, e_0 ≈ 0.4 from float32 rounding alone); VP
+grids start at α ≥ 0.006, 10⁵ resolutions of spread and more, and are always measured.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +50,7 @@ from ..solvers.base import Solver
 from .statistics import GaussianStatistics
 
 __all__ = [
+    "RESOLUTION",
     "GaussianDenoiser",
     "GaussianTeleport",
     "SkipChoice",
@@ -51,6 +58,11 @@ __all__ = [
     "gaussian_flow",
     "gaussian_posterior_mean",
 ]
+
+#: :func:`choose_skip` measures e_k only where the spread of the model's x̂0 across the probes (RMS) exceeds this
+#: many float resolutions (eps × RMS x̂0). The exact mixture's float32 x̂0 carries rounding of ~20 resolutions, so
+#: at the threshold rounding alone adds e ≈ (20/1000)² = 4·10⁻⁴, below the tolerances in use (0.01, 0.05).
+RESOLUTION = 1e3
 
 
 def _scalar(v: Any) -> float:
@@ -171,7 +183,8 @@ class GaussianDenoiser(Denoiser):
 
 @dataclass(frozen=True)
 class SkipChoice:
-    """The outcome of :func:`choose_skip`: skipped evaluations, the landing level and e_k per level tested."""
+    """The outcome of :func:`choose_skip`: skipped evaluations, the landing level and e_k per level tested (NaN
+    where it is not measurable)."""
 
     skip: int
     sigma: float
@@ -219,15 +232,25 @@ def choose_skip(
         alpha, sigma = (_scalar(v) for v in process.alpha_sigma(float(sigmas[k])))
         with torch.no_grad():
             model = denoiser.predict_x0(x_k.to(device), float(ts[k]), alpha, sigma, cond=model_cond)
-        model = model.double().flatten(1).cpu()
         gauss = gaussian_posterior_mean(stats, x_k.double(), alpha, sigma, labels).flatten(1).cpu()
-        spread = float((model - model.mean(0)).pow(2).sum())
-        err = float((model - gauss).pow(2).sum()) / max(spread, 1e-300)
+        err = _unexplained(model, gauss)
         errors.append(err)
-        if err > tolerance:
+        if err > tolerance:  # NaN (not measurable) passes
             break
         skip = k
     return SkipChoice(skip, float(sigmas[skip]), tuple(errors), float(tolerance))
+
+
+def _unexplained(model: torch.Tensor, gauss: torch.Tensor) -> float:
+    """e = Σ_b ‖D_θ − D_G‖² / Σ_b ‖D_θ − mean_b D_θ‖² (``model`` in its own dtype, ``gauss`` float64, flat per
+    probe); NaN where the spread is below :data:`RESOLUTION` float resolutions of the model's x̂0."""
+    eps = torch.finfo(model.dtype).eps
+    x0 = model.double().flatten(1).cpu()
+    spread = float((x0 - x0.mean(0)).pow(2).sum())
+    floor = x0.numel() * (RESOLUTION * eps) ** 2 * float(x0.pow(2).mean())
+    if not spread > floor:
+        return math.nan
+    return float((x0 - gauss).pow(2).sum()) / spread
 
 
 class GaussianTeleport:

@@ -5,7 +5,11 @@ objective is the sum of the per-interval KLUB (:class:`~diffsamplers.tuning.klub
 Carlo with the model, endpoints σ_max and σ_min fixed). No official optimiser code exists; this follows the
 paper's description:
 
-* **Initialisation** — time-uniform for discrete-time models, EDM's ρ = 7 schedule otherwise (App. B.1).
+* **Initialisation** — time-uniform for discrete-time models, EDM's ρ = 7 schedule otherwise (App. B.1); and
+  time-uniform for rectified-flow models too, whose own samplers step uniformly in t (Liu et al. 2023; Esser et
+  al. 2024 shift that grid): on σ̃ ∈ [10⁻⁶, 10⁶], the range of a diffusers flow config, EDM's 5-step schedule
+  visits σ̃ = 10⁶, 2·10⁵, 3·10⁴, 2·10³ and 22 (DPM-Solver++ 2M on the bundled mixture: RMS 0.36 against
+  0.08 time-uniform).
 * **Coordinate-wise search** (Alg. 1) — for each interior level, 11 candidates between its neighbours (the
   current value is one of them, so the estimated KLUB never rises: the estimator uses a fixed bank of data and
   noise). Candidates are spaced in log σ̃ up to ``radius`` of the way to each neighbour, 5 on each side;
@@ -92,7 +96,7 @@ def initial_levels(process: NoiseProcess, settings: AYSSettings) -> np.ndarray:
         raise ValueError(f"need 0 < sigma_min < sigma_max, got {lo} and {hi}")
     init = settings.init
     if init == "auto":
-        init = "uniform_time" if isinstance(process, DiscreteVP) else "karras"
+        init = "uniform_time" if isinstance(process, DiscreteVP) or process.scaling == "flow" else "karras"
     n = settings.num_steps
     if init == "uniform_time":
         t_hi, t_lo = process.t_from_sigma_tilde(hi), process.t_from_sigma_tilde(lo)
