@@ -465,7 +465,9 @@ class RectifiedFlow(NoiseProcess):
     """Rectified flow / flow matching: α = 1 − t, σ = t (Liu et al. 2023; Lipman et al. 2023).
 
     λ(t) = log((1 − t)/t). The network receives ``timestep_scale · t`` (diffusers: 1000·σ). ``t_max`` must
-    stay below 1, where λ = −∞; diffusers' DPM-Solver flow grid starts at 1 − 1/1000.
+    stay below 1, where λ = −∞; diffusers' DPM-Solver flow grid starts at 1 − 1/1000. The maps themselves
+    hold at t = 1 (pure noise, σ̃ = ∞), where diffusers' ``FlowMatchEulerDiscreteScheduler`` makes its first
+    model call: ``alpha_sigma(inf)`` is (0, 1).
     """
 
     scaling = "flow"
@@ -480,6 +482,14 @@ class RectifiedFlow(NoiseProcess):
         t = _as_f64(t)
         with np.errstate(divide="ignore"):
             return np.log1p(-t) - np.log(t)
+
+    def alpha_sigma(self, sigma_tilde: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+        """(α, σ) = (1/(1 + σ̃), σ̃/(1 + σ̃)), with the limit (0, 1) at σ̃ = ∞ (t = 1, x_t = ε)."""
+        s = _as_f64(sigma_tilde)
+        alpha = 1.0 / (1.0 + s)
+        with np.errstate(invalid="ignore"):
+            sigma = np.where(np.isposinf(s), 1.0, s * alpha)[()]
+        return alpha, sigma
 
     def t_from_lambda(self, lam: ArrayLike) -> np.ndarray:
         return 1.0 / (1.0 + np.exp(_as_f64(lam)))

@@ -50,10 +50,16 @@ def _compare(args: argparse.Namespace) -> int:
     from .plots import plot_compare
 
     report = run_compare(
-        nfes=args.nfe, num_samples=args.num_samples, seed=args.seed, select=args.methods, progress=not args.quiet
+        nfes=args.nfe,
+        num_samples=args.num_samples,
+        seed=args.seed,
+        process=args.process,
+        select=args.methods,
+        progress=not args.quiet,
     )
     print(f"# {report['metric']}")
     print(f"# model: {report['model']}; {report['num_samples']} samples, seed {report['seed']}")
+    print(f"# process: {report['process']}; {report['start']}")
     print(format_table(report))
     _write_report(report, args, plot_compare)
     return 0
@@ -233,8 +239,17 @@ def _add_report_arguments(p: argparse.ArgumentParser, nfes: list[int], num_sampl
 
 
 def _add_compare(sub: Any) -> None:
+    from .compare import PROCESSES
+
     p = _command(sub, "compare", "solver error vs the exact ODE solution on the bundled Gaussian mixture")
     _add_report_arguments(p, [5, 6, 8, 10, 15, 20, 50], 64, 1)
+    p.add_argument(
+        "--process",
+        default="vp",
+        choices=PROCESSES,
+        help="vp: DDPM's discrete VP schedule, an ε-network (model gmm); flow: rectified flow, a velocity network "
+        "from x_T = ε at t = 1 (model gmm-flow), with diffusers' flow schedulers",
+    )
     set_command(p, _compare, outputs=("json", "plot"))
 
 

@@ -1,10 +1,18 @@
 """``diffsamplers compare``: each solver's error against the exact probability-flow ODE solution.
 
 On the bundled Gaussian mixture (exact denoiser, :mod:`diffsamplers.models.gmm`) every method starts from the same
-x_T at σ̃(t = 999) and is compared with SciPy's solution of the same ODE (DOP853, rtol 1e-10) at the method's final
+x_T and is compared with SciPy's solution of the same ODE (DOP853, rtol 1e-10) from that x_T to the method's final
 noise level — the ground truth itself, not the many-step reference the other tables use. Our solvers and diffusers'
-own schedulers run side by side on the same ε-prediction network, each with its usual schedule; the table reports
-the RMS error per NFE. Methods are solver and schedule specs (:mod:`diffsamplers.apps.recipes`).
+own schedulers run side by side on the same network, each with its usual schedule; the table reports the RMS error
+per NFE. Methods are solver and schedule specs (:mod:`diffsamplers.apps.recipes`). ``process`` (``--process``) picks
+the setting (:data:`SETTINGS`):
+
+* ``"vp"`` — DDPM's discrete VP schedule, an ε-prediction network, x_T at σ̃(t = 999);
+* ``"flow"`` — the rectified-flow path x_t = (1 − t) x0 + t ε (Liu et al. 2023; Lipman et al. 2023) of the model
+  ``gmm-flow``, a velocity network (v = ε − x0, timestep 1000·t), x_T = ε at t = 1 — pure noise, where
+  ``FlowMatchEulerDiscreteScheduler`` starts, as a pipeline's ``latents = randn``. A method whose grid starts below
+  t = 1 (diffusers' flow DPM-Solver and UniPC, our solvers on the flow or uniform-logSNR grid) takes that x_T as its
+  first sample, as diffusers' flow DPM-Solver does in a pipeline; the reference still starts at t = 1.
 
 DC-Solver's ratios are searched per NFE (``dc-solver:search``: :func:`diffsamplers.tuning.dc_search.search_dc_ratios`,
 20 iterations per step as the official diffusers version) on 10 other noises against the reference trajectory; they
@@ -13,7 +21,8 @@ are then scored like every other method.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,16 +32,27 @@ from tqdm.auto import tqdm
 
 from ..denoiser import Denoiser
 from ..metrics.errors import rms_error
-from ..models.gmm import GaussianMixture, default_mixture, default_process, reference_solution
-from ..noise import DiscreteVP
+from ..models.gmm import GaussianMixture, default_flow_process, default_mixture, default_process, reference_solution
+from ..noise import NoiseProcess
 from ..sampling import initial_noise, sample
 from ..solvers.dc_solver import DCSolver
 from ..tuning.dc_search import PAPER_DATAPOINTS, search_dc_ratios
 from .recipes import parse_schedule, parse_solver
-from .registry import ModelBundle
+from .registry import GMM_FLOW_SCHEDULER_CONFIG, ModelBundle
 from .samplers import diffusers_scheduler, run_diffusers_scheduler
 
-__all__ = ["DEFAULT_NFES", "METHODS", "Method", "run_compare", "format_table", "best_by_nfe"]
+__all__ = [
+    "DEFAULT_NFES",
+    "FLOW_METHODS",
+    "METHODS",
+    "PROCESSES",
+    "SETTINGS",
+    "Method",
+    "Setting",
+    "run_compare",
+    "format_table",
+    "best_by_nfe",
+]
 
 DEFAULT_NFES = (5, 6, 8, 10, 15, 20, 50)
 
@@ -90,19 +110,113 @@ METHODS: tuple[tuple[str, str, str | None, str], ...] = (
 )
 
 
-def _bundle(gmm: GaussianMixture, process: DiscreteVP) -> ModelBundle:
-    """The mixture as an ε-prediction network, with the diffusers config of its training schedule."""
-    config = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear"}
+_FLOW_GRID = "diffusers' DPM-Solver flow grid, shift 3 (flow:shift=3): x_T = ε taken at t = 0.99967, final t = 0"
+_FLOW_LOGSNR = "uniform logSNR, t = 0.999 … 0.001 (σ̃ = 999 … 0.001): x_T = ε taken at t = 0.999, final t = 0"
+_LOGSNR_SPEC = "logsnr:sigma_max=999,sigma_min=0.001"
+_DIFFUSERS_FLOW = "use_flow_sigmas=true,prediction_type=flow_prediction,flow_shift=3.0"
+
+#: The rows of ``--process flow``: ours on diffusers' flow grid (and a uniform-logSNR grid), diffusers' flow
+#: schedulers. A row is (name, solver spec, schedule spec or None for a diffusers scheduler, notes).
+FLOW_METHODS: tuple[tuple[str, str, str | None, str], ...] = (
+    ("DPM-Solver++ 2M", "dpm++2m", "flow:shift=3", _FLOW_GRID),
+    ("DPM-Solver++ 3M", "dpm++3m", "flow:shift=3", _FLOW_GRID + ", Taylor third-order term"),
+    ("UniPC (bh2)", "unipc", "flow:shift=3", _FLOW_GRID),
+    (
+        "DC-Solver (bh2, searched)",
+        "dc-solver:search",
+        "flow:shift=3",
+        _FLOW_GRID + ", ratios searched per NFE on 10 other noises (seed 12345)",
+    ),
+    ("DPM-Solver++ 2M, logSNR", "dpm++2m", _LOGSNR_SPEC, _FLOW_LOGSNR),
+    ("DPM-Solver++ 3M, logSNR", "dpm++3m", _LOGSNR_SPEC, _FLOW_LOGSNR),
+    (
+        "diffusers FlowMatch Euler",
+        "diffusers:FlowMatchEulerDiscreteScheduler",
+        None,
+        "the model's config (SD3: shift 3), starts at t = 1",
+    ),
+    (
+        "diffusers DPM-Solver++ 2M",
+        f"diffusers:DPMSolverMultistepScheduler:{_DIFFUSERS_FLOW}",
+        None,
+        "flow sigmas, flow_shift 3: x_T = ε taken at t = 0.99967; integer timesteps ⌊1000 t⌋",
+    ),
+    (
+        "diffusers DPM-Solver++ 3M",
+        f"diffusers:DPMSolverMultistepScheduler:{_DIFFUSERS_FLOW},solver_order=3",
+        None,
+        "as 2M, solver_order=3",
+    ),
+    (
+        "diffusers UniPC (bh2)",
+        f"diffusers:UniPCMultistepScheduler:{_DIFFUSERS_FLOW}",
+        None,
+        "flow sigmas, flow_shift 3: starts at t = 1 − 1e-6; integer timesteps ⌊1000 t⌋",
+    ),
+)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What one ``--process`` compares on: the network every method runs (with its diffusers config), the noise
+    level σ̃ of x_T that the exact solution starts from (∞: pure noise), and the default rows."""
+
+    name: str
+    bundle: ModelBundle
+    sigma_start: float
+    methods: tuple[tuple[str, str, str | None, str], ...]
+    process_description: str
+    start_description: str
+
+
+def _network_bundle(
+    name: str, gmm: GaussianMixture, process: NoiseProcess, prediction_type: str, config: dict[str, Any]
+) -> ModelBundle:
+    """The mixture as a network predicting ``prediction_type``, read through a plain :class:`Denoiser` (so our
+    solvers see what diffusers' schedulers see), with the diffusers config of its training."""
     return ModelBundle(
-        name="gmm (ε-network)",
-        denoiser=Denoiser(gmm.as_model(process, "epsilon"), process, "epsilon"),
+        name=name,
+        denoiser=Denoiser(gmm.as_model(process, prediction_type), process, prediction_type),
         sample_shape=tuple(gmm.sample_shape),
-        scheduler_config=config,
+        scheduler_config=dict(config),
     )
 
 
-def _run(method: Method, bundle: ModelBundle, nfe: int, x_T: torch.Tensor) -> tuple[torch.Tensor, float] | None:
-    """The method's final sample at ``nfe`` evaluations and its final noise level; ``None`` if it cannot spend
+def _vp_setting(gmm: GaussianMixture) -> Setting:
+    process = default_process()
+    config = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear"}
+    return Setting(
+        "gmm",
+        _network_bundle("gmm (ε-network)", gmm, process, "epsilon", config),
+        float(process.sigma_max),
+        METHODS,
+        "discrete VP, linear betas 1e-4..0.02, 1000 steps",
+        "x_T ~ N(0, I) at σ̃(t = 999)",
+    )
+
+
+def _flow_setting(gmm: GaussianMixture) -> Setting:
+    process = default_flow_process()
+    return Setting(
+        "gmm-flow",
+        _network_bundle("gmm-flow (velocity network)", gmm, process, "flow_prediction", GMM_FLOW_SCHEDULER_CONFIG),
+        math.inf,
+        FLOW_METHODS,
+        "rectified flow x_t = (1 − t) x0 + t ε, velocity network v = ε − x0 at timestep 1000·t "
+        "(gmm-flow; scheduler config FlowMatchEuler, shift 3)",
+        "x_T = ε ~ N(0, I) at t = 1 (pure noise); methods whose grid starts below t = 1 take it as their first sample",
+    )
+
+
+#: ``--process``: the settings by name.
+SETTINGS: dict[str, Callable[[GaussianMixture], Setting]] = {"vp": _vp_setting, "flow": _flow_setting}
+PROCESSES = tuple(SETTINGS)
+
+
+def _run(
+    method: Method, bundle: ModelBundle, nfe: int, x_T: torch.Tensor, model_id: str = "gmm"
+) -> tuple[torch.Tensor, float] | None:
+    """The method's final sample at ``nfe`` evaluations and its final noise level σ̃; ``None`` if it cannot spend
     exactly that many evaluations."""
     recipe = parse_solver(method.solver)
     if recipe.is_diffusers:
@@ -112,12 +226,14 @@ def _run(method: Method, bundle: ModelBundle, nfe: int, x_T: torch.Tensor) -> tu
             return None
         steps = (nfe + order - 1) // order  # Heun: NFE = 2·steps − 1
         x = run_diffusers_scheduler(scheduler, bundle.denoiser.model, steps, x_T)
-        return x, float(scheduler.sigmas[-1]) if hasattr(scheduler, "sigmas") else 0.0
+        last = float(scheduler.sigmas[-1]) if hasattr(scheduler, "sigmas") else 0.0
+        # diffusers keeps σ̃ for VP models and the flow time t for flow models
+        return x, float(bundle.process.sigma_tilde(last)) if bundle.process.scaling == "flow" else last
     schedule = parse_schedule(method.schedule or "linspace").build(bundle.process, nfe)
 
     def search(solver: DCSolver) -> list[float]:
         points = initial_noise(bundle.process, schedule.sigmas[0], (PAPER_DATAPOINTS, *x_T.shape[1:]), SEARCH_SEED)
-        return search_dc_ratios(bundle.denoiser, solver, schedule, points, model_id="gmm", iterations=20).ratios
+        return search_dc_ratios(bundle.denoiser, solver, schedule, points, model_id=model_id, iterations=20).ratios
 
     solver = recipe.build(nfe=nfe, search=search)
     return sample(bundle.denoiser, solver, schedule, x_T=x_T, progress=False), schedule.final_sigma
@@ -128,19 +244,22 @@ def run_compare(
     num_samples: int = 64,
     seed: int = 0,
     gmm: GaussianMixture | None = None,
-    process: DiscreteVP | None = None,
+    process: str = "vp",
     methods: Sequence[Method] | None = None,
     select: str | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Run every method at every NFE; returns a JSON-ready report."""
+    """Run every method at every NFE on the setting ``process`` (:data:`SETTINGS`: ``"vp"`` or ``"flow"``; its
+    default rows unless ``methods`` are given); returns a JSON-ready report."""
     import diffusers
 
     from .. import __version__
 
+    if process not in SETTINGS:
+        raise ValueError(f"--process: unknown process {process!r}: expected one of {', '.join(PROCESSES)}")
     gmm = gmm or default_mixture()
-    process = process or default_process()
-    methods = list(methods) if methods is not None else [Method(*m) for m in METHODS]
+    setting = SETTINGS[process](gmm)
+    methods = list(methods) if methods is not None else [Method(*m) for m in setting.methods]
     if select:
         methods = [m for m in methods if select.lower() in m.name.lower()]
         if not methods:
@@ -148,28 +267,29 @@ def run_compare(
     nfes = [int(n) for n in nfes]
     if any(n <= 0 for n in nfes):
         raise ValueError(f"--nfe must be positive, got {nfes}")
-    bundle = _bundle(gmm, process)
-    sigma_start = float(process.sigma_max)
-    x_T = initial_noise(process, sigma_start, (num_samples, *gmm.sample_shape), seed)
+    bundle = setting.bundle
+    x_T = initial_noise(bundle.process, setting.sigma_start, (num_samples, *gmm.sample_shape), seed)
     references: dict[float, torch.Tensor] = {}
 
     def exact(final: float) -> torch.Tensor:
         key = round(final, 12)
         if key not in references:
-            references[key] = reference_solution(gmm, process, x_T.double(), sigma_start, final)
+            references[key] = reference_solution(gmm, bundle.process, x_T.double(), setting.sigma_start, final)
         return references[key]
 
     bar = tqdm(total=len(methods) * len(nfes), desc="compare", disable=not progress)
     for method in methods:
         for nfe in nfes:
-            result = _run(method, bundle, nfe, x_T)
+            result = _run(method, bundle, nfe, x_T, setting.name)
             method.errors[nfe] = None if result is None else rms_error(result[0], exact(result[1]))
             bar.update(1)
     bar.close()
     return {
         "model": f"Gaussian mixture, {len(gmm.weights)} components, sample shape {list(gmm.sample_shape)} "
         "(diffsamplers.models.gmm.default_mixture)",
-        "process": "discrete VP, linear betas 1e-4..0.02, 1000 steps",
+        "process": setting.process_description,
+        "process_name": process,
+        "start": setting.start_description,
         "metric": "RMS error against SciPy's solution of the probability-flow ODE (DOP853, rtol 1e-10) from the same x_T",
         "num_samples": num_samples,
         "seed": seed,

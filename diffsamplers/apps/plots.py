@@ -40,7 +40,8 @@ def plot_compare(report: dict[str, Any], path: str | Path) -> None:
         )
     ax.set_xlabel("NFE (model evaluations)")
     ax.set_ylabel("RMS error vs exact PF-ODE solution")
-    ax.set_title("Solver error on the bundled Gaussian mixture")
+    flow = report.get("process_name") == "flow"
+    ax.set_title("Solver error on the bundled Gaussian mixture" + (", rectified flow from t = 1" if flow else ""))
     ax.set_xticks(report["nfe"], [str(n) for n in report["nfe"]])
     ax.xaxis.set_minor_formatter(plt.NullFormatter())
     ax.grid(True, which="both", alpha=0.3)

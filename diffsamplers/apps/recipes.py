@@ -13,8 +13,9 @@ Solver specs — ``NAME[:OPTIONS][+ts[:OPTIONS]]``:
 Schedule specs — ``NAME[:OPTIONS][/FINAL]``: diffusers' ``linspace``, ``leading``, ``trailing``;
 ``uniform_time`` (``time``), ``uniform_logsnr`` (``logsnr``), ``karras[:rho=7]``, ``exponential``,
 ``beta[:a=0.6,b=0.6]``; ``ays:MODEL`` (a published Align Your Steps schedule: sd15, sdxl, svd, deepfloyd_if);
-``learned:PATH`` or a ``.safetensors`` path (a learned schedule); ``sigmas:s0,s1,…`` (explicit levels). ``FINAL``
-names the last level: ``zero``, ``sigma_min``, ``append_zero`` (and AYS's ``replace``, ``append``).
+``learned:PATH`` or a ``.safetensors`` path (a learned schedule); ``sigmas:s0,s1,…`` (explicit levels);
+``flow[:shift=S]`` (diffusers' DPM-Solver flow-matching grid, for rectified-flow models: :func:`flow_schedule`).
+``FINAL`` names the last level: ``zero``, ``sigma_min``, ``append_zero`` (and AYS's ``replace``, ``append``).
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..noise import RectifiedFlow
 from ..schedules.align_your_steps import align_your_steps
+from ..schedules.diffusers_compat import diffusers_grid
 from ..schedules.learned import LearnedSchedule
 from ..schedules.schedule import FINAL_CONVENTIONS, Schedule
 from ..schedules.spacing import build_schedule, from_sigmas
@@ -50,6 +53,7 @@ __all__ = [
     "SolverRecipe",
     "describe_schedules",
     "describe_solvers",
+    "flow_schedule",
     "make_solver",
     "parse_schedule",
     "parse_solver",
@@ -93,6 +97,10 @@ SCHEDULES = {
     "beta": "beta",
 }
 _FINALS = (*FINAL_CONVENTIONS, "replace", "append")
+#: The flow-matching grid's name in specs, and the final levels diffusers offers for it.
+_FLOW = "flow"
+_FLOW_FINALS = ("zero", "sigma_min")
+_DIFFUSERS_SPACINGS = ("linspace", "leading", "trailing")
 
 
 class OutsideFitError(ValueError):
@@ -111,7 +119,10 @@ def describe_solvers() -> str:
 
 def describe_schedules() -> str:
     """The schedule specs, for help texts and errors."""
-    return f"{', '.join(SCHEDULES)}, ays:MODEL, learned:PATH, sigmas:s0,s1,…; optional /FINAL ({', '.join(_FINALS)})"
+    return (
+        f"{', '.join(SCHEDULES)}, ays:MODEL, learned:PATH, sigmas:s0,s1,…, {_FLOW}[:shift=S] (flow models); "
+        f"optional /FINAL ({', '.join(_FINALS)})"
+    )
 
 
 def _value(text: str) -> Any:
@@ -285,6 +296,18 @@ class ScheduleRecipe:
             return from_sigmas(process, [float(v) for v in str(self.arg).split(",")])
         if steps is None:
             raise ValueError(f"schedule {self.spec!r} needs a number of steps")
+        kind = type(process).__name__
+        if self.kind == _FLOW:
+            if not isinstance(process, RectifiedFlow):
+                raise ValueError(
+                    f"schedule {self.spec!r} is the flow-matching grid: it needs a RectifiedFlow model, not {kind}"
+                )
+            return flow_schedule(process, steps, final=self.final or "zero", **self.options)
+        if self.kind in _DIFFUSERS_SPACINGS and isinstance(process, RectifiedFlow):
+            raise ValueError(
+                f"schedule {self.spec!r} is diffusers' integer-timestep spacing of a discrete VP model, not of a "
+                f"{kind} one: use {_FLOW}[:shift=S] (diffusers' flow grid) or a σ̃ spacing such as logsnr"
+            )
         if self.kind == "ays":
             return align_your_steps(
                 str(self.arg), steps, final=self.final or "replace", process=process, **self.options
@@ -338,6 +361,47 @@ def parse_schedule(spec: str) -> ScheduleRecipe:
         if len(levels) < 2 or not all(math.isfinite(v) for v in levels):
             raise ValueError(f"schedule {spec!r}: sigmas: needs at least two finite levels (the last is the final one)")
         return ScheduleRecipe(text, "sigmas", ",".join(repr(v) for v in levels), final=final_or_none)
+    if name == _FLOW:
+        return _flow_recipe(text, arg, final_or_none)
     if name not in SCHEDULES:
         raise ValueError(f"unknown schedule {spec!r}: expected {describe_schedules()}")
     return ScheduleRecipe(text, SCHEDULES[name], options=_options(arg, text), final=final_or_none)
+
+
+def _flow_recipe(spec: str, arg: str, final: str | None) -> ScheduleRecipe:
+    """``flow[:shift=S][/zero|/sigma_min]``, its options checked (``ValueError`` names the spec and the value)."""
+    options = _options(arg, spec)
+    unknown = sorted(set(options) - {"shift"})
+    if unknown:
+        raise ValueError(f"schedule {spec!r}: {_FLOW} takes only shift=S, got {', '.join(unknown)}")
+    shift = options.get("shift", 1.0)
+    if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not 0 < shift < math.inf:
+        raise ValueError(f"schedule {spec!r}: shift must be a positive number, got {shift!r}")
+    if final is not None and final not in _FLOW_FINALS:
+        raise ValueError(f"schedule {spec!r}: the flow grid ends with /{' or /'.join(_FLOW_FINALS)}, not /{final}")
+    return ScheduleRecipe(spec, _FLOW, options={"shift": float(shift)}, final=final)
+
+
+def flow_schedule(process: RectifiedFlow, num_steps: int, shift: float = 1.0, final: str = "zero") -> Schedule:
+    """diffusers' DPM-Solver grid for flow-matching models (``DPMSolverMultistepScheduler(use_flow_sigmas=True,
+    flow_shift=shift)``), on a rectified flow x_t = (1 − t) x0 + t ε (Liu et al. 2023; Lipman et al. 2023).
+
+    Flow times t = s·u/(1 + (s − 1)·u) (SD3's time shift, Esser et al. 2024, "Scaling Rectified Flow Transformers
+    for High-Resolution Image Synthesis"; s = ``shift``) for u = 1 − linspace(1, 1/N, n + 1), flipped and the
+    last dropped, then the final level (``"zero"``: t = 0; ``"sigma_min"``: diffusers' σ̃ at VP training step 0
+    taken as a flow time), N = the process's timestep scale (``num_train_timesteps``) — computed by
+    :func:`~diffsamplers.schedules.diffusers_compat.diffusers_grid`, so it is diffusers' float32 grid. It starts
+    below t = 1 (at 1 − 1/N before the shift), where a pipeline's x_T = ε is taken as the first sample. The
+    network receives N·t as a float, where diffusers' scheduler truncates it to an integer.
+    """
+    scale = float(process.timestep_scale)
+    if not (scale.is_integer() and scale >= 2):
+        raise ValueError(f"the flow grid needs an integer timestep scale N ≥ 2 (num_train_timesteps), got {scale:g}")
+    config = {
+        "num_train_timesteps": int(scale),
+        "use_flow_sigmas": True,
+        "flow_shift": float(shift),
+        "final_sigmas_type": final,
+    }
+    grid = diffusers_grid(process, config, num_steps, flavour="dpmsolver").schedule
+    return Schedule(grid.sigmas, metadata={**grid.metadata, "spacing": _FLOW, "shift": float(shift)})

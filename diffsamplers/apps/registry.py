@@ -2,8 +2,9 @@
 
 A model spec is one of
 
-* a registered name — ``gmm`` (the bundled exact Gaussian mixture), ``gmm-cond`` (its class-conditional
-  version), ``digits`` (the bundled class-conditional digits network), and whatever :func:`register_model` adds;
+* a registered name — ``gmm`` (the bundled exact Gaussian mixture), ``gmm-flow`` (the same mixture as a
+  rectified-flow velocity network), ``gmm-cond`` (its class-conditional version), ``digits`` (the bundled
+  class-conditional digits network), and whatever :func:`register_model` adds;
 * a diffusers pipeline folder saved with ``save_pretrained`` (``path/to/folder``, or ``diffusers:path/to/folder``):
   its ``unet/`` or ``transformer/`` and ``scheduler/``; nothing is downloaded;
 * ``package.module:factory`` — a function that returns a :class:`ModelBundle`.
@@ -30,6 +31,7 @@ from ..rng import NoiseSource
 from ..sampling import initial_noise
 
 __all__ = [
+    "GMM_FLOW_SCHEDULER_CONFIG",
     "MODELS",
     "ModelBundle",
     "Draw",
@@ -157,11 +159,27 @@ class ModelBundle:
 # -- bundled models ---------------------------------------------------------------------------------
 
 
-def _gmm() -> ModelBundle:
-    from ..models.gmm import default_mixture, default_process
+#: diffusers' scheduler config of ``gmm-flow``: Stable Diffusion 3's FlowMatchEuler settings (shift 3).
+GMM_FLOW_SCHEDULER_CONFIG: dict[str, Any] = {
+    "_class_name": "FlowMatchEulerDiscreteScheduler",
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+}
+
+
+def _gmm_bundle(
+    name: str,
+    process: NoiseProcess,
+    description: str,
+    prediction_type: str = "sample",
+    scheduler_config: dict[str, Any] | None = None,
+) -> ModelBundle:
+    """The bundled mixture on ``process``: its exact denoiser (whose network predicts ``prediction_type``),
+    seeded training samples and its exact Gaussian statistics."""
+    from ..models.gmm import default_mixture
     from ..teleport.statistics import GaussianStatistics
 
-    gmm, process = default_mixture(), default_process()
+    gmm = default_mixture()
 
     class _Stream:
         """Endless batches of mixture samples (seeded)."""
@@ -172,12 +190,36 @@ def _gmm() -> ModelBundle:
                 yield gmm.sample(4096, generator=g)
 
     return ModelBundle(
-        name="gmm",
-        denoiser=gmm.as_denoiser(process),
+        name=name,
+        denoiser=gmm.as_denoiser(process, prediction_type),
         sample_shape=tuple(gmm.sample_shape),
         data=_Stream(),
         gaussian_statistics=lambda: GaussianStatistics.from_gmm(gmm),
-        description="bundled 8-component Gaussian mixture, 1×8×8, DDPM linear β; exact denoiser",
+        scheduler_config=None if scheduler_config is None else dict(scheduler_config),
+        description=description,
+    )
+
+
+def _gmm() -> ModelBundle:
+    from ..models.gmm import default_process
+
+    return _gmm_bundle(
+        "gmm", default_process(), "bundled 8-component Gaussian mixture, 1×8×8, DDPM linear β; exact denoiser"
+    )
+
+
+def _gmm_flow() -> ModelBundle:
+    """The same mixture on the rectified-flow path x_t = (1 − t) x0 + t ε (Liu et al. 2023; Lipman et al. 2023),
+    its network predicting the velocity ε − x0 at timestep 1000·t, with SD3's FlowMatchEuler config."""
+    from ..models.gmm import default_flow_process
+
+    return _gmm_bundle(
+        "gmm-flow",
+        default_flow_process(),
+        "bundled 8-component Gaussian mixture, 1×8×8, rectified flow (velocity network, timestep 1000·t, "
+        "FlowMatchEuler shift 3); exact denoiser",
+        prediction_type="flow_prediction",
+        scheduler_config=GMM_FLOW_SCHEDULER_CONFIG,
     )
 
 
@@ -209,7 +251,12 @@ def _digits() -> ModelBundle:
     return bundle
 
 
-MODELS: dict[str, Callable[[], ModelBundle]] = {"gmm": _gmm, "gmm-cond": _gmm_cond, "digits": _digits}
+MODELS: dict[str, Callable[[], ModelBundle]] = {
+    "gmm": _gmm,
+    "gmm-flow": _gmm_flow,
+    "gmm-cond": _gmm_cond,
+    "digits": _digits,
+}
 
 
 def register_model(name: str, factory: Callable[[], ModelBundle]) -> None:

@@ -57,12 +57,15 @@ def run_diffusers_scheduler(
     guidance_scale: float = 1.0,
 ) -> torch.Tensor:
     """A diffusers scheduler's loop as its pipelines run it: x_T (unit variance) times ``init_noise_sigma``,
-    ``scale_model_input``, the network (with classifier-free guidance in one batched call), ``step``."""
+    ``scale_model_input``, the network (with classifier-free guidance in one batched call), ``step``. Flow-matching
+    schedulers (``FlowMatchEulerDiscreteScheduler``) have neither of the first two: their pipelines (SD3, Flux)
+    start from x_T itself and feed x unscaled."""
     scheduler.set_timesteps(steps, device=x_T.device)
-    x = x_T * scheduler.init_noise_sigma
+    x = x_T * getattr(scheduler, "init_noise_sigma", 1.0)
+    scale_input = getattr(scheduler, "scale_model_input", lambda sample, _t: sample)
     guided = uncond is not None and guidance_scale != 1.0
     for t in scheduler.timesteps:
-        x_in = scheduler.scale_model_input(x, t)
+        x_in = scale_input(x, t)
         if guided:
             kwargs = {k: torch.cat([uncond[k].expand_as(cond[k]), cond[k]]) for k in cond}  # type: ignore[index]
             out_u, out_c = network(torch.cat([x_in, x_in]), t, **kwargs).sample.chunk(2)

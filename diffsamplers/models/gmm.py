@@ -14,13 +14,16 @@ Approximation for Diffusion Models", Eq. 5). The module offers
 * :class:`GMMModel` — the same as a diffusers-style network (``model(sample, timestep).sample``) that
   predicts ε, x0, v or flow, so diffusers' own schedulers can run on it;
 * :func:`reference_solution` — the probability-flow ODE from a given x_T solved with SciPy (DOP853) to a
-  relative tolerance of 1e-10 in EDM coordinates, dy/d log σ̃ = y − D(y, σ̃) (Karras et al. 2022, Eq. 3).
+  relative tolerance of 1e-10 in EDM coordinates, dy/d log σ̃ = y − D(y, σ̃) (Karras et al. 2022, Eq. 3),
+  also from pure noise (σ̃ = ∞: t = 1 of a rectified flow);
+* :func:`default_mixture` on :func:`default_process` (DDPM's VP schedule, ``gmm``) or on
+  :func:`default_flow_process` (rectified flow, ``gmm-flow``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -28,10 +31,18 @@ import numpy as np
 import torch
 
 from ..denoiser import Denoiser, compute_dtype
-from ..noise import DiscreteVP, NoiseProcess
+from ..noise import DiscreteVP, NoiseProcess, RectifiedFlow
 from ..prediction import check_prediction_type, from_x0
 
-__all__ = ["GaussianMixture", "GMMModel", "GMMDenoiser", "reference_solution", "default_mixture", "default_process"]
+__all__ = [
+    "GaussianMixture",
+    "GMMModel",
+    "GMMDenoiser",
+    "reference_solution",
+    "default_mixture",
+    "default_process",
+    "default_flow_process",
+]
 
 
 @dataclass
@@ -145,9 +156,10 @@ class GaussianMixture:
         x0 = torch.einsum("bk,bkd->bd", resp, means[None] + shrunk)
         return x0.reshape(x.shape)
 
-    def as_denoiser(self, process: NoiseProcess) -> GMMDenoiser:
-        """The exact x̂0 = D(x, t) on ``process`` for :func:`diffsamplers.sample`."""
-        return GMMDenoiser(self, process)
+    def as_denoiser(self, process: NoiseProcess, prediction_type: str = "sample") -> GMMDenoiser:
+        """The exact x̂0 = D(x, t) on ``process`` for :func:`diffsamplers.sample`; its network (for diffusers'
+        schedulers) predicts ``prediction_type``."""
+        return GMMDenoiser(self, process, prediction_type)
 
     def as_model(self, process: NoiseProcess, prediction_type: str = "epsilon") -> GMMModel:
         """The exact network on ``process`` in diffusers' calling convention."""
@@ -203,10 +215,13 @@ class _Output:
 
 
 class GMMDenoiser(Denoiser):
-    """The exact denoiser: ignores the timestep and uses the loop's (α, σ) directly (no host reads)."""
+    """The exact denoiser: ignores the timestep and uses the loop's (α, σ) directly (no host reads).
 
-    def __init__(self, gmm: GaussianMixture, process: NoiseProcess):
-        super().__init__(GMMModel(gmm, process, "sample"), process, prediction_type="sample")
+    Its ``model`` — what diffusers' schedulers run — is the exact network predicting ``prediction_type``.
+    """
+
+    def __init__(self, gmm: GaussianMixture, process: NoiseProcess, prediction_type: str = "sample"):
+        super().__init__(GMMModel(gmm, process, prediction_type), process, prediction_type=prediction_type)
         self.gmm = gmm
 
     def predict_x0(self, x, timestep, alpha, sigma, cond=None, uncond=None, guidance_scale=None):  # noqa: D102
@@ -234,32 +249,73 @@ def reference_solution(
     (the Jacobian of the right-hand side has eigenvalues in [0, 1]). ``sigma_end = 0`` integrates to
     σ̃ = 1e-9, where the remaining change of y is O(σ̃²/λ_min) — far below the tolerance for the
     covariances used here. Returns x in the process's own scaling, with x_T's shape.
+
+    ``sigma_start = inf`` starts from pure noise, x_T = σ ε at α = 0 — where a rectified-flow sampler starts,
+    t = 1 on x_t = (1 − t) x0 + t ε (Liu et al. 2023, "Flow Straight and Fast"; Lipman et al. 2023, "Flow
+    Matching for Generative Modeling", the optimal-transport path with σ_min = 0, time reversed) — which τ
+    cannot reach. Down to σ̃ = 1 the ODE is then solved in z = x/σ against ρ = α/σ = 1/σ̃, from ρ = 0: with
+    y = z/ρ the equation above becomes dz/dρ = D(z; α = ρ, σ = 1), since the denoiser is scale-invariant,
+    D(s·x; s·α, s·σ) = D(x; α, σ) (:meth:`GaussianMixture.denoise` depends on x, α and σ only through
+    (x − αμ)/σ and α/σ). Its Jacobian is ρ·Cov[x0 | x] (Tweedie), ρΣ(ρ²Σ + I)⁻¹ ≤ √λ_max/2 for one Gaussian:
+    this leg is not stiff either.
     """
+    if not sigma_start > sigma_end >= 0:
+        raise ValueError(f"sigma_start ({sigma_start}) must exceed sigma_end ({sigma_end}), which must be ≥ 0")
+    shape = x_T.shape
+    x = x_T.detach().cpu().double().reshape(shape[0], -1).numpy()
+    if math.isinf(sigma_start):
+        with np.errstate(invalid="ignore"):
+            sigma_noise = float(process.alpha_sigma(sigma_start)[1])
+        if not 0 < sigma_noise < math.inf:
+            raise ValueError(
+                f"sigma_start = inf needs a process with a finite σ at pure noise (a RectifiedFlow); {process!r} "
+                f"has σ = {sigma_noise} there"
+            )
+        sigma_switch = max(sigma_end, 1.0)
+        z = _solve_ivp(
+            lambda rho, z: gmm.denoise(z, float(rho), 1.0), 0.0, 1.0 / sigma_switch, x / sigma_noise, rtol, atol
+        )
+        y = z * sigma_switch  # y = x/α = z·σ̃
+    else:
+        sigma_switch = sigma_start
+        y = x / float(process.alpha_sigma(sigma_start)[0])
+    if sigma_end < sigma_switch:
+        tau_span = (math.log(sigma_switch), math.log(max(sigma_end, 1e-9)))
+        y = _solve_ivp(lambda tau, y: y - gmm.denoise(y, 1.0, math.exp(tau)), *tau_span, y, rtol, atol)
+    return torch.from_numpy(y * float(process.alpha_sigma(sigma_end)[0])).reshape(shape)
+
+
+def _solve_ivp(
+    rhs: Callable[[float, torch.Tensor], torch.Tensor],
+    start: float,
+    end: float,
+    y0: np.ndarray,
+    rtol: float,
+    atol: float,
+) -> np.ndarray:
+    """y(end) for dy/ds = rhs(s, y) from y(start) = y0 (rows of samples, float64), by SciPy's DOP853."""
     from scipy.integrate import solve_ivp
 
-    if sigma_start <= sigma_end:
-        raise ValueError(f"sigma_start ({sigma_start}) must exceed sigma_end ({sigma_end})")
-    shape = x_T.shape
-    a_start = float(process.alpha_sigma(sigma_start)[0])
-    y0 = (x_T.detach().cpu().double().reshape(-1) / a_start).numpy()
-    b = shape[0]
+    rows = y0.shape[0]
 
-    def rhs(tau: float, y: np.ndarray) -> np.ndarray:
-        yt = torch.from_numpy(y).reshape(b, -1)
-        d = gmm.denoise(yt, 1.0, math.exp(tau))
-        return (yt - d).reshape(-1).numpy()
+    def flat_rhs(s: float, y: np.ndarray) -> np.ndarray:
+        return rhs(s, torch.from_numpy(y).reshape(rows, -1)).reshape(-1).numpy()
 
-    tau_end = math.log(max(sigma_end, 1e-9))
-    sol = solve_ivp(rhs, (math.log(sigma_start), tau_end), y0, method="DOP853", rtol=rtol, atol=atol)
+    sol = solve_ivp(flat_rhs, (start, end), y0.reshape(-1), method="DOP853", rtol=rtol, atol=atol)
     if not sol.success:
         raise RuntimeError(f"reference ODE solve failed: {sol.message}")
-    a_end = float(process.alpha_sigma(sigma_end)[0])
-    return torch.from_numpy(sol.y[:, -1] * a_end).reshape(shape)
+    return sol.y[:, -1].reshape(rows, -1)
 
 
 def default_process() -> DiscreteVP:
     """The training schedule of the bundled mixture: DDPM's linear β from 1e-4 to 0.02 over 1000 steps."""
     return DiscreteVP.from_beta_schedule("linear", 1e-4, 0.02, 1000)
+
+
+def default_flow_process() -> RectifiedFlow:
+    """The rectified-flow path of the bundled flow mixture (``gmm-flow``): x_t = (1 − t) x0 + t ε, timestep
+    1000·t, on the range diffusers' flow configs give (:func:`diffsamplers.noise.noise_process_from_config`)."""
+    return RectifiedFlow(t_min=1e-6, t_max=1.0 - 1e-6, timestep_scale=1000.0)
 
 
 def default_mixture() -> GaussianMixture:

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from diffsamplers.apps.recipes import SOLVERS, make_solver, parse_schedule, parse_solver
-from diffsamplers.models.gmm import default_process
+from diffsamplers.apps.recipes import SOLVERS, flow_schedule, make_solver, parse_schedule, parse_solver
+from diffsamplers.models.gmm import default_flow_process, default_process
 from diffsamplers.schedules import align_your_steps, diffusers_spacing, karras, uniform_logsnr
 from diffsamplers.schedules.learned import LearnedSchedule
 from diffsamplers.solvers import (
@@ -135,8 +135,45 @@ def test_schedule_specs_build_the_schedules_of_the_library(tmp_path):
         ("learned:missing.safetensors", 5, FileNotFoundError, "no learned schedule file missing.safetensors"),
         ("logsnr", None, ValueError, "needs a number of steps"),
         ("karras:rho=-1", 5, ValueError, "rho must be positive"),
+        ("flow:shift=0", 5, ValueError, "schedule 'flow:shift=0': shift must be a positive number, got 0"),
+        ("flow:shift=inf", 5, ValueError, "shift must be a positive number, got inf"),
+        ("flow:mu=1", 5, ValueError, "schedule 'flow:mu=1': flow takes only shift=S, got mu"),
+        ("flow/append_zero", 5, ValueError, "the flow grid ends with /zero or /sigma_min, not /append_zero"),
+        (
+            "flow:shift=3",
+            5,
+            ValueError,
+            "'flow:shift=3' is the flow-matching grid: it needs a RectifiedFlow model, not",
+        ),
     ],
 )
 def test_bad_schedule_specs(spec, steps, error, message):
     with pytest.raises(error, match=message):
         parse_schedule(spec).build(PROCESS, steps)
+
+
+@pytest.mark.parametrize("steps, shift", [(5, 3.0), (20, 3.0), (8, 1.0)])
+def test_flow_spec_is_diffusers_dpm_solver_flow_grid(steps, shift):
+    """``flow:shift=S`` visits the levels diffusers' DPM-Solver visits on a flow model (its float32 flow times),
+    shifted as t = s·u/(1 + (s − 1)·u), ends at t = 0, and feeds the network 1000·t unrounded."""
+    import diffusers
+
+    flow = default_flow_process()
+    spec = "flow" if shift == 1.0 else f"flow:shift={shift:g}"
+    schedule = parse_schedule(spec).build(flow, steps)
+    scheduler = diffusers.DPMSolverMultistepScheduler(
+        use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=shift
+    )
+    scheduler.set_timesteps(steps)
+    t = schedule.sigmas / (1.0 + schedule.sigmas)  # σ̃ → flow time
+    np.testing.assert_array_equal(t.astype(np.float32), scheduler.sigmas.numpy())
+    u = 1.0 - np.linspace(1.0, 1.0 / 1000, steps + 1)
+    np.testing.assert_allclose(t[:-1], np.flip(shift * u / (1 + (shift - 1) * u))[:-1], rtol=1e-6)
+    assert t[-1] == 0.0 and schedule.timesteps is None and schedule.metadata["shift"] == shift
+    np.testing.assert_allclose(schedule.model_timesteps(flow), 1000.0 * t[:-1], rtol=1e-9)
+    assert np.array_equal(flow_schedule(flow, steps, shift).sigmas, schedule.sigmas)
+
+
+def test_diffusers_vp_spacings_on_a_flow_model_point_to_the_flow_grid():
+    with pytest.raises(ValueError, match="'trailing' is diffusers' integer-timestep spacing .* use flow\\[:shift=S\\]"):
+        parse_schedule("trailing").build(default_flow_process(), 5)

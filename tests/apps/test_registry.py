@@ -9,6 +9,8 @@ from diffsamplers.apps.recipes import OutsideFitError
 from diffsamplers.apps.registry import MODELS, ModelBundle, load_model, register_model
 from diffsamplers.apps.samplers import make_sampler
 from diffsamplers.metrics.fd_digits import fd_digits
+from diffsamplers.models.gmm import default_mixture
+from diffsamplers.noise import RectifiedFlow
 from diffsamplers.reference import reference_samples
 from diffsamplers.solvers.dc_ratios import DCRatios
 
@@ -26,6 +28,51 @@ def test_digits_bundle_and_fd_digits():
     assert fd_digits(x) < 1e-6 and real < 25.0 and noise > 10 * real
     with pytest.raises(ValueError, match="unknown sample metric 'fid' for model 'digits': it has \\['fd-digits'\\]"):
         bundle.sample_metric("fid")
+
+
+def test_gmm_flow_bundle_is_the_mixture_on_the_rectified_flow():
+    bundle, gmm = load_model("gmm-flow"), default_mixture()
+    process = bundle.process
+    assert isinstance(process, RectifiedFlow) and process.to_config() == {
+        "type": "flow",
+        "t_min": 1e-6,
+        "t_max": 1.0 - 1e-6,
+        "timestep_scale": 1000.0,
+    }
+    assert bundle.scheduler_config == {
+        "_class_name": "FlowMatchEulerDiscreteScheduler",
+        "num_train_timesteps": 1000,
+        "shift": 3.0,
+    }
+    assert bundle.sample_shape == (1, 8, 8) and bundle.num_classes == 0 and bundle.description
+    x = bundle.draw(4, seed=0).x_T.double()
+    assert torch.equal(x, torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0)).double())
+    # The exact denoiser at x_t = (1 − t) x0 + t ε, and the velocity network (timestep 1000·t) diffusers runs.
+    t = 0.3
+    assert torch.allclose(bundle.denoiser(x, t), gmm.denoise(x, 1 - t, t), atol=1e-12)
+    v = bundle.denoiser.model(x, torch.tensor(1000.0 * t)).sample
+    assert bundle.denoiser.prediction_type == "flow_prediction"
+    assert torch.allclose(x - t * v, gmm.denoise(x, 1 - t, t), atol=1e-12)  # x̂0 = x − σ v
+
+
+@pytest.mark.parametrize(
+    "solver, schedule",
+    [
+        ("dpm++2m", "flow:shift=3"),
+        ("unipc", "logsnr"),
+        ("diffusers:FlowMatchEulerDiscreteScheduler", "linspace"),  # the model's own config; the spacing is unused
+        ("diffusers:DPMSolverMultistepScheduler:use_flow_sigmas=true,prediction_type=flow_prediction", "linspace"),
+    ],
+)
+def test_gmm_flow_samples_with_ours_and_diffusers_flow_schedulers(solver, schedule):
+    images, labels = make_sampler(load_model("gmm-flow"), solver, 8, schedule, seed=1)(range(3))
+    assert images.dtype == torch.uint8 and images.shape == (3, 1, 8, 8) and labels is None
+    assert 0 < float(images.double().std())
+
+
+def test_gmm_flow_refuses_diffusers_vp_spacings_with_a_hint():
+    with pytest.raises(ValueError, match="schedule 'linspace' is diffusers' integer-timestep spacing .* use flow"):
+        make_sampler(load_model("gmm-flow"), "dpm++2m", 8, "linspace")
 
 
 def test_draws_are_seeded_and_carry_the_conditions():
@@ -46,10 +93,12 @@ def test_draws_are_seeded_and_carry_the_conditions():
 
 
 def test_every_spec_form_and_the_error_for_an_unknown_one(tmp_path, monkeypatch):
-    for name in ("gmm", "gmm-cond"):
+    for name in ("gmm", "gmm-cond", "gmm-flow"):
         bundle = load_model(name)
         assert bundle.name == name and bundle.sample_shape == (1, 8, 8)
-    with pytest.raises(ValueError, match="unknown model 'cifar': expected digits, gmm, gmm-cond, a diffusers pipeline"):
+    with pytest.raises(
+        ValueError, match="unknown model 'cifar': expected digits, gmm, gmm-cond, gmm-flow, a diffusers pipeline"
+    ):
         load_model("cifar")
     with pytest.raises(FileNotFoundError, match="is not a diffusers pipeline folder"):
         load_model(str(tmp_path))

@@ -6,11 +6,18 @@ import numpy as np
 import pytest
 import torch
 
-from diffsamplers.models.gmm import GaussianMixture, default_mixture, default_process, reference_solution
+from diffsamplers.models.gmm import (
+    GaussianMixture,
+    default_flow_process,
+    default_mixture,
+    default_process,
+    reference_solution,
+)
 from diffsamplers.noise import ContinuousVP, RectifiedFlow, VarianceExploding
 from diffsamplers.prediction import to_x0
 
 PROCESS = default_process()
+FLOW = default_flow_process()
 
 
 def _gaussian_flow(gmm, process, x_T, sigma_start, sigma_end):
@@ -37,6 +44,59 @@ def test_reference_solution_matches_gaussian_closed_form(process):
     # All the way to σ = 0 too.
     exact0 = _gaussian_flow(gmm, process, x_T, start, 0.0)
     assert float((reference_solution(gmm, process, x_T, start, 0.0) - exact0).abs().max()) < 1e-8
+
+
+def test_reference_solution_from_pure_noise_matches_gaussian_closed_form():
+    """sigma_start = inf: x_T = ε at t = 1 of the flow, where τ = log σ̃ cannot start (the ρ = α/σ leg)."""
+    gmm = GaussianMixture.random((1, 4, 4), num_components=1, seed=3, eig_range=(1e-3, 1.0))
+    x_T = torch.randn(4, 1, 4, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    for end in (0.0, FLOW.sigma_min, 0.5, 1.0, 3.0):  # through the switch at σ̃ = 1, ending before and at it
+        exact = _gaussian_flow(gmm, FLOW, x_T, math.inf, end)
+        assert float((reference_solution(gmm, FLOW, x_T, math.inf, end) - exact).abs().max()) < 1e-8, end
+
+
+def test_reference_solution_from_pure_noise_agrees_with_a_start_just_below_it():
+    """The mixture from t = 1 against the τ form started at σ̃ = 1e6 from the first-order state x = σ(ε + ρ·E[x0])
+    (z = x/σ moves as dz/dρ = D(z; ρ, 1) = E[x0] + O(ρ) there): two integrations that share no step."""
+    gmm = default_mixture()
+    eps = torch.randn(8, *gmm.sample_shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    mean = (gmm.weights[:, None] * gmm.means).sum(0).reshape(gmm.sample_shape)
+    start = 1e6
+    alpha, sigma = (float(v) for v in FLOW.alpha_sigma(start))
+    from_inf = reference_solution(gmm, FLOW, eps, math.inf, 0.0)
+    from_start = reference_solution(gmm, FLOW, sigma * (eps + alpha / sigma * mean), start, 0.0)
+    assert float((from_inf - from_start).abs().max()) < 1e-7
+    assert float((from_inf - eps).abs().max()) > 0.1  # it did move
+
+
+def test_reference_solution_from_pure_noise_needs_a_finite_sigma_there():
+    x = torch.zeros(1, 1, 8, 8)
+    with pytest.raises(ValueError, match="sigma_start = inf needs a process with a finite σ at pure noise"):
+        reference_solution(default_mixture(), VarianceExploding(0.002, 80.0), x, math.inf, 0.0)
+    with pytest.raises(ValueError, match="must exceed"):
+        reference_solution(default_mixture(), FLOW, x, math.inf, math.inf)
+
+
+def test_flow_denoiser_and_network_at_pure_noise():
+    """t = 1 (σ̃ = ∞), where FlowMatchEulerDiscreteScheduler makes its first model call (timestep 1000)."""
+    alpha, sigma = FLOW.alpha_sigma(math.inf)
+    assert (float(alpha), float(sigma)) == (0.0, 1.0)
+    a, s = FLOW.alpha_sigma(np.array([0.0, 1.0, math.inf]))
+    assert a.tolist() == [1.0, 0.5, 0.0] and s.tolist() == [0.0, 0.5, 1.0]
+    assert float(FLOW.sigma_tilde(FLOW.t_from_timestep(1000.0))) == math.inf
+    gmm = default_mixture()
+    x = torch.randn(6, *gmm.sample_shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    mean = (gmm.weights[:, None] * gmm.means).sum(0).reshape(gmm.sample_shape)
+    x0 = gmm.denoise(x, 0.0, 1.0)
+    assert torch.isfinite(x0).all() and torch.allclose(x0, mean.expand_as(x0), atol=1e-12)
+    per_sample = gmm.denoise(x, torch.tensor([0.0, 0.5] * 3, dtype=torch.float64), torch.tensor([1.0, 0.5] * 3))
+    assert torch.allclose(per_sample[0::2], x0[0::2], atol=1e-12)
+    # Scale invariance, D(s·x; s·α, s·σ) = D(x; α, σ), which the reference's ρ leg relies on.
+    assert torch.allclose(gmm.denoise(3.0 * x, 3.0 * 0.2, 3.0 * 0.8), gmm.denoise(x, 0.2, 0.8), atol=1e-12)
+    # The velocity network at timestep 1000: v = ε − x0 with ε = x.
+    v = gmm.as_model(FLOW, "flow_prediction")(x, torch.tensor(1000.0)).sample
+    assert torch.allclose(v, x - mean, atol=1e-12)
+    assert torch.equal(gmm.as_denoiser(FLOW, "flow_prediction").model(x, 1000.0).sample, v)
 
 
 def test_denoiser_is_posterior_mean_by_monte_carlo():
