@@ -363,9 +363,12 @@ def add_sampler_arguments(
     parser.add_argument("--steps", type=integer(), default=20, help="sampling steps")
     parser.add_argument(
         "--schedule",
-        default="linspace",
+        default=None,
         type=spec(parse_schedule),
-        help=help_text(f"schedule spec: {describe_schedules()}"),
+        help=help_text(
+            f"schedule spec: {describe_schedules()}; default: the model's — linspace, or flow:shift=S (its "
+            "scheduler config's shift) for a flow-matching model"
+        ),
     )
     parser.add_argument("--guidance", type=guidance_scale, default=guidance, help=guidance_help)
     parser.add_argument("--classes", type=class_labels, default=None, help=classes_help)

@@ -128,11 +128,12 @@ def _sample(args: argparse.Namespace) -> int:
     labels = None if classes is None else [c for c in classes for _ in range(args.per_class)]
     count = args.per_class if labels is None else len(labels)
     rows = _grid_rows(count) if classes is None else len(classes)
-    sampler = make_sampler(bundle, args.solver, args.steps, args.schedule, guidance, args.seed, classes=labels)
+    schedule = args.schedule or bundle.default_schedule
+    sampler = make_sampler(bundle, args.solver, args.steps, schedule, guidance, args.seed, classes=labels)
     images, _ = sampler(range(count))
     path = save_grid(images, rows, args.output)
     print(
-        f"wrote {path}: {count} samples from {args.model} with {args.solver}, {args.steps} steps ({args.schedule}), "
+        f"wrote {path}: {count} samples from {args.model} with {args.solver}, {args.steps} steps ({schedule}), "
         f"guidance {guidance:g}, seed {args.seed}"
     )
     return 0

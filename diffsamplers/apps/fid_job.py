@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
         "model": str(args.model),
         "solver": args.solver,
         "steps": args.steps,
-        "schedule": args.schedule,
+        "schedule": args.schedule or bundle.default_schedule,
         "guidance_scale": args.guidance,
         "seed": args.seed,
         "classes": classes,

@@ -25,8 +25,9 @@ from typing import Any
 
 import torch
 
+from ..adapters.source_config import read_source_config
 from ..denoiser import Denoiser
-from ..noise import NoiseProcess, noise_process_from_config
+from ..noise import NoiseProcess, RectifiedFlow, noise_process_from_config
 from ..rng import NoiseSource
 from ..sampling import initial_noise
 
@@ -82,6 +83,15 @@ class ModelBundle:
     @property
     def process(self) -> NoiseProcess:
         return self.denoiser.process
+
+    @property
+    def default_schedule(self) -> str:
+        """The schedule spec the jobs use when none is given: diffusers' ``linspace`` grid, or for a flow model
+        the flow grid with its scheduler config's shift (``flow:shift=S``)."""
+        if not isinstance(self.process, RectifiedFlow):
+            return "linspace"
+        shift = 1.0 if self.scheduler_config is None else _flow_config(self.scheduler_config).get("flow_shift", 1.0)
+        return f"flow:shift={float(shift):g}"
 
     @property
     def device(self) -> torch.device:
@@ -272,6 +282,11 @@ def describe_models() -> str:
 # -- pipeline folders and factories -----------------------------------------------------------------
 
 
+def _flow_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A scheduler config as our schedulers read it (a FlowMatch config becomes the flow config it means)."""
+    return read_source_config(config, {}, "the model registry")[0]
+
+
 def load_pipeline_folder(path: str | Path, name: str | None = None) -> ModelBundle:
     """A diffusers pipeline folder (``save_pretrained``) with ``unet/`` or ``transformer/`` and ``scheduler/``.
 
@@ -293,12 +308,13 @@ def load_pipeline_folder(path: str | Path, name: str | None = None) -> ModelBund
         raise ValueError(f"{network_dir}/config.json names {net_config.get('_class_name')!r}, not a diffusers model")
     net = cls.from_pretrained(network_dir, local_files_only=True).eval()
     config = json.loads(scheduler_file.read_text())
+    prediction_type = _flow_config(config).get("prediction_type", "epsilon")  # a FlowMatch config has none
     size = net.config.sample_size
     size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
     embeds = int(getattr(net.config, "num_class_embeds", None) or 0)
     return ModelBundle(
         name=name or str(root),
-        denoiser=Denoiser(net, noise_process_from_config(config), config.get("prediction_type", "epsilon")),
+        denoiser=Denoiser(net, noise_process_from_config(config), prediction_type),
         sample_shape=(int(net.config.in_channels), *(int(s) for s in size)),
         num_classes=max(embeds - 1, 0),
         null_class=embeds - 1 if embeds else None,

@@ -80,14 +80,15 @@ def make_sampler(
     bundle: ModelBundle,
     solver: str,
     steps: int,
-    schedule: str = "linspace",
+    schedule: str | None = None,
     guidance_scale: float = 1.0,
     seed: int = 0,
     classes: Sequence[int] | None = None,
     batch_size: int = 256,
 ) -> Sampler:
     """A function from sample indices to (uint8 images, labels), deterministic per index; the labels cycle
-    through ``classes`` (all classes by default) for a class-conditional model."""
+    through ``classes`` (all classes by default) for a class-conditional model. ``schedule`` defaults to the
+    model's (:attr:`ModelBundle.default_schedule`); diffusers' schedulers use their config's grid without one."""
     recipe = parse_solver(solver)
     device, process, shape = bundle.device, bundle.process, bundle.sample_shape
     if recipe.is_diffusers:
@@ -99,7 +100,7 @@ def make_sampler(
             return run_diffusers_scheduler(scheduler, bundle.denoiser.model, steps, x, cond, uncond, guidance_scale)
 
     else:
-        sched = parse_schedule(schedule).build(process, steps)
+        sched = parse_schedule(schedule or bundle.default_schedule).build(process, steps)
         built = recipe.build(nfe=steps, guidance_scale=guidance_scale, folder=bundle.folder)
 
         def run(noise: NoiseSource, n: int, cond: Cond, uncond: Cond) -> torch.Tensor:

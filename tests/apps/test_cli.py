@@ -233,7 +233,15 @@ def _flat(text: str) -> str:
 @pytest.mark.parametrize(
     "argv, defaults",
     [
-        (["sample"], ["(default: dpm++2m)", "(default: linspace)", "(default: samples.png)", "(default: 8)"]),
+        (
+            ["sample"],
+            [
+                "(default: dpm++2m)",
+                "default: the model's — linspace, or flow:shift=S",
+                "(default: samples.png)",
+                "(default: 8)",
+            ],
+        ),
         (["fid"], ["(default: digits)", "(default: 1000)", "(default: fd-digits)", "(default: 1.0)"]),
         (["schedule", "optimize"], ["(default: gmm)", "(default: dpm++2m)", "(default: 8192)"]),
         (["compare"], ["(default: [5, 6, 8, 10, 15, 20, 50])", "(default: 64)"]),
