@@ -36,6 +36,27 @@ class NoiseSource:
         self.seeds = None if seeds is None else [int(s) for s in seeds]
         self.generator_device = torch.device(generator_device)
         self._per_sample: dict[int, torch.Generator] = {}
+        self._substreams: dict[str, NoiseSource] = {}
+
+    def substream(self, key: str) -> NoiseSource:
+        """An independent stream named ``key`` (e.g. a guidance's own draws), the same object on every call.
+
+        Per-sample seeds give per-sample substreams (seeded from the sample's seed and ``key``), so a guidance's
+        draws neither depend on the batch nor shift the solver's noise; one generator gives one derived generator.
+        """
+        cached = self._substreams.get(key)
+        if cached is not None:
+            return cached
+        salt = _stable_hash(key)
+        if self.seeds is not None:
+            sub = NoiseSource(seeds=[_mix(seed, salt) for seed in self.seeds], generator_device=self.generator_device)
+        elif self.generator is not None:
+            gen = torch.Generator(device=self.generator.device).manual_seed(_mix(self.generator.initial_seed(), salt))
+            sub = NoiseSource(generator=gen, generator_device=self.generator_device)
+        else:
+            sub = NoiseSource(generator_device=self.generator_device)
+        self._substreams[key] = sub
+        return sub
 
     def _sample_generator(self, index: int) -> torch.Generator:
         gen = self._per_sample.get(index)
@@ -63,3 +84,18 @@ class NoiseSource:
         else:
             out = torch.randn(shape, device=device)
         return out.to(device=device, dtype=dtype)
+
+
+def _stable_hash(key: str) -> int:
+    """A hash of ``key`` that is the same in every process (Python's ``hash`` of a str is salted)."""
+    import hashlib
+
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
+
+
+def _mix(seed: int, salt: int) -> int:
+    """A 63-bit seed from a seed and a salt (SplitMix64's finaliser), so nearby seeds give unrelated streams."""
+    z = (int(seed) * 0x9E3779B97F4A7C15 + salt) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (z ^ (z >> 31)) & 0x7FFFFFFFFFFFFFFF

@@ -117,6 +117,24 @@ class StepContext:
         """The plan's noise level σ̃ = σ/α at this evaluation (the nominal one under the time shift)."""
         return float(self.run.plan.sigmas[self.index])
 
+    @property
+    def time(self) -> float:
+        """Normalised diffusion time in [0, 1] at this evaluation: the process time of the plan's level over the
+        process's largest time (DDPM: timestep/(N − 1); rectified flow: ≈ t), 1 at the model's noisiest level and
+        0 at the data. Guidance schedules (CADS's γ(t), intermittent guidance) are written in it."""
+        process = self.run.plan.process
+        t = float(process.t_from_sigma_tilde(float(self.run.plan.sigmas[self.index])))
+        return min(max(t / float(process.t_max), 0.0), 1.0)
+
+    def noise(self, key: str, shape: Sequence[int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """N(0, 1) draws of ``shape`` per sample, from the samples' own stream named ``key`` (one per guidance
+        draw kind): with per-sample seeds a sample's draws do not depend on its batch, and they never shift the
+        solver's noise. Without a noise source (the diffusers adapters) the global generator is used."""
+        source = self.run.noise
+        if source is None:
+            return torch.randn((len(self.rows), *shape), device=device, dtype=dtype)
+        return source.substream(key).draw(self.rows.start, self.rows.stop, tuple(shape), device, dtype)
+
 
 class Guidance:
     """Hooks at the three places a guidance method acts in a step; each one is optional (the identity).

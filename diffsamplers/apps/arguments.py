@@ -349,11 +349,25 @@ def output_folder(text: str) -> str:
 
 
 def add_sampler_arguments(
-    parser: argparse.ArgumentParser, *, guidance: float | None, guidance_help: str, classes_help: str
+    parser: argparse.ArgumentParser,
+    *,
+    guidance: float | None,
+    guidance_help: str,
+    classes_help: str,
+    guidance_specs: bool = False,
 ) -> None:
     """What makes a sampler: ``--model``, ``--solver``, ``--steps``, ``--schedule``, ``--guidance``, ``--classes``,
-    ``--seed`` and ``--device`` (specs checked by the registry's and the recipe parser's own functions)."""
-    from .recipes import describe_schedules, describe_solvers, parse_schedule, parse_solver
+    ``--seed`` and ``--device`` (specs checked by the registry's and the recipe parser's own functions).
+    ``guidance_specs``: ``--guidance`` takes guidance specs (:func:`~diffsamplers.apps.recipes.parse_guidance`),
+    else a classifier-free scale only."""
+    from .recipes import (
+        describe_guidances,
+        describe_schedules,
+        describe_solvers,
+        parse_guidance,
+        parse_schedule,
+        parse_solver,
+    )
     from .registry import describe_models
 
     parser.add_argument("--model", default="digits", help=help_text(f"model: {describe_models()}"))
@@ -370,7 +384,15 @@ def add_sampler_arguments(
             "scheduler config's shift) for a flow-matching model"
         ),
     )
-    parser.add_argument("--guidance", type=guidance_scale, default=guidance, help=guidance_help)
+    if guidance_specs:
+        parser.add_argument(
+            "--guidance",
+            type=spec(parse_guidance),
+            default=guidance,
+            help=help_text(f"{guidance_help}; {describe_guidances()}"),
+        )
+    else:
+        parser.add_argument("--guidance", type=guidance_scale, default=guidance, help=guidance_help)
     parser.add_argument("--classes", type=class_labels, default=None, help=classes_help)
     parser.add_argument("--seed", type=seed, default=0, help="base seed (every sample index has its own seed)")
     parser.add_argument("--device", type=device, default=None, help="torch device, e.g. cpu or cuda:0")

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..schedules.align_your_steps import AYS_MODELS
+from ..step import Guidance
 from .arguments import (
     CommandParser,
     add_commands,
@@ -103,13 +104,22 @@ def _sample_classes(bundle: ModelBundle, classes: str | None) -> list[int] | Non
     return list(range(bundle.num_classes)) if bundle.num_classes else None
 
 
-def _sample_guidance(bundle: ModelBundle, guidance: float | None) -> float:
-    """``--guidance``; by default 2 for a class-conditional model and 1 (none) for an unconditional one."""
-    if guidance is None:
-        return 2.0 if bundle.num_classes else 1.0
-    if not bundle.num_classes and guidance != 1.0:
-        raise ValueError(f"--guidance: model {bundle.name!r} is unconditional; it takes only 1, got {guidance:g}")
-    return guidance
+def _sample_guidance(bundle: ModelBundle, guidance: str | None) -> tuple[float, tuple[Guidance, ...]]:
+    """``--guidance``: the classifier-free scale (by default 2 for a class-conditional model and 1, none, for an
+    unconditional one) and the guidance hooks its spec names, built for the model."""
+    from .recipes import parse_guidance
+
+    recipe = None if guidance is None else parse_guidance(guidance)
+    scale = None if recipe is None else recipe.scale
+    if scale is None:
+        scale = 2.0 if bundle.num_classes else 1.0
+    elif not bundle.num_classes and scale != 1.0:
+        raise ValueError(f"--guidance: model {bundle.name!r} is unconditional; it takes only 1, got {scale:g}")
+    try:
+        hooks = () if recipe is None else recipe.build(bundle)
+    except ValueError as err:
+        raise ValueError(f"--guidance: {err}") from None
+    return scale, hooks
 
 
 def _grid_rows(count: int) -> int:
@@ -124,17 +134,19 @@ def _sample(args: argparse.Namespace) -> int:
 
     bundle = load_model(args.model, args.device)
     classes = _sample_classes(bundle, args.classes)
-    guidance = _sample_guidance(bundle, args.guidance)
+    guidance, hooks = _sample_guidance(bundle, args.guidance)
     labels = None if classes is None else [c for c in classes for _ in range(args.per_class)]
     count = args.per_class if labels is None else len(labels)
     rows = _grid_rows(count) if classes is None else len(classes)
     schedule = args.schedule or bundle.default_schedule
-    sampler = make_sampler(bundle, args.solver, args.steps, schedule, guidance, args.seed, classes=labels)
+    sampler = make_sampler(
+        bundle, args.solver, args.steps, schedule, guidance, args.seed, classes=labels, guidance=hooks
+    )
     images, _ = sampler(range(count))
     path = save_grid(images, rows, args.output)
     print(
         f"wrote {path}: {count} samples from {args.model} with {args.solver}, {args.steps} steps ({schedule}), "
-        f"guidance {guidance:g}, seed {args.seed}"
+        f"guidance {args.guidance or format(guidance, 'g')}, seed {args.seed}"
     )
     return 0
 
@@ -259,8 +271,10 @@ def _add_sample(sub: Any) -> None:
     add_sampler_arguments(
         p,
         guidance=None,
-        guidance_help="classifier-free guidance scale, > 0, 1 = none (default: 2 for class-conditional models, 1 otherwise)",
+        guidance_help="guidance spec; a number is the classifier-free guidance scale, > 0, 1 = none (default: 2 for "
+        "class-conditional models, 1 otherwise)",
         classes_help="comma-separated class labels, one row each (default: all classes)",
+        guidance_specs=True,
     )
     p.add_argument("--per-class", type=integer(), default=8, help="samples per class (unconditional model: in all)")
     image = output_file(image_suffixes, "an image")

@@ -16,6 +16,9 @@ Schedule specs — ``NAME[:OPTIONS][/FINAL]``: diffusers' ``linspace``, ``leadin
 ``learned:PATH`` or a ``.safetensors`` path (a learned schedule); ``sigmas:s0,s1,…`` (explicit levels);
 ``flow[:shift=S]`` (diffusers' DPM-Solver flow-matching grid, for rectified-flow models: :func:`flow_schedule`).
 ``FINAL`` names the last level: ``zero``, ``sigma_min``, ``append_zero`` (and AYS's ``replace``, ``append``).
+
+Guidance specs — ``TERM[+TERM…]``, composed in order: a number is the classifier-free guidance scale (``7.5``);
+``NAME[:k=v,…]`` a registered guidance (:data:`GUIDANCES`) with its options, built for the model it guides.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -42,21 +46,27 @@ from ..solvers.dpm_solver_pp_singlestep import DPMSolverPlusPlusSinglestep
 from ..solvers.euler import Euler
 from ..solvers.exposure_bias_time_shift import ExposureBiasTimeShift
 from ..solvers.unipc import UniPC
+from ..step import Guidance
 
 __all__ = [
     "CPR_FILE",
     "DC_SOLVER",
+    "GUIDANCES",
+    "GuidanceRecipe",
     "OutsideFitError",
     "SCHEDULES",
     "SOLVERS",
     "ScheduleRecipe",
     "SolverRecipe",
+    "describe_guidances",
     "describe_schedules",
     "describe_solvers",
     "flow_schedule",
     "make_solver",
+    "parse_guidance",
     "parse_schedule",
     "parse_solver",
+    "register_guidance",
     "register_solver",
 ]
 
@@ -405,3 +415,69 @@ def flow_schedule(process: RectifiedFlow, num_steps: int, shift: float = 1.0, fi
     }
     grid = diffusers_grid(process, config, num_steps, flavour="dpmsolver").schedule
     return Schedule(grid.sigmas, metadata={**grid.metadata, "spacing": _FLOW, "shift": float(shift)})
+
+
+# -- guidance ---------------------------------------------------------------------------------------
+
+#: Registered guidances: name → factory ``(bundle, **options) -> Guidance``, ``bundle`` being the
+#: :class:`~diffsamplers.apps.registry.ModelBundle` it guides (its process, denoiser, folder).
+GUIDANCES: dict[str, Callable[..., Guidance]] = {}
+
+
+def register_guidance(name: str, factory: Callable[..., Guidance]) -> None:
+    """Make the guidance spec ``name[:options]`` build ``factory(bundle, **options)``."""
+    GUIDANCES[name] = factory
+
+
+def describe_guidances() -> str:
+    """The guidance specs, for help texts and errors."""
+    names = ", ".join(f"{n}[:k=v,…]" for n in GUIDANCES)
+    return "a number (the classifier-free guidance scale)" + (f", {names}" if names else "") + "; compose with +"
+
+
+@dataclass(frozen=True)
+class GuidanceRecipe:
+    """A parsed guidance spec: the classifier-free scale if one term is a number, and the named guidances with their
+    options, in order. :meth:`build` makes the :class:`~diffsamplers.step.Guidance` hooks for a model."""
+
+    spec: str
+    scale: float | None = None
+    terms: tuple[tuple[str, Mapping[str, Any]], ...] = ()
+
+    def build(self, bundle: Any) -> tuple[Guidance, ...]:
+        """The guidance hooks of the named terms for ``bundle`` (the scale goes to the model call itself)."""
+        return tuple(
+            _construct(partial(GUIDANCES[name], bundle), options, f"{self.spec} ({name})")
+            for name, options in self.terms
+        )
+
+    def __str__(self) -> str:
+        return self.spec
+
+
+def parse_guidance(spec: str | float) -> GuidanceRecipe:
+    """Parse ``TERM[+TERM…]`` (see the module docstring); raises ``ValueError`` naming the bad term."""
+    text = str(spec).strip()
+    if not text:
+        raise ValueError("guidance spec is empty")
+    scale: float | None = None
+    terms: list[tuple[str, Mapping[str, Any]]] = []
+    for term in (t.strip() for t in text.split("+")):
+        if not term:
+            raise ValueError(f"guidance spec {text!r} has an empty term")
+        try:
+            value = float(term)
+        except ValueError:
+            value = None
+        if value is not None:
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"guidance spec {text!r}: the guidance scale must be a finite number > 0, got {term}")
+            if scale is not None:
+                raise ValueError(f"guidance spec {text!r} gives the classifier-free scale twice")
+            scale = value
+            continue
+        name, _, options = term.partition(":")
+        if name not in GUIDANCES:
+            raise ValueError(f"unknown guidance {name!r} in {text!r}: expected {describe_guidances()}")
+        terms.append((name, _options(options, text)))
+    return GuidanceRecipe(text, scale, tuple(terms))

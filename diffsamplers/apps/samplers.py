@@ -19,6 +19,7 @@ from ..data.digits import to_uint8
 from ..metrics.shards import sample_seed
 from ..rng import NoiseSource
 from ..sampling import initial_noise, sample
+from ..step import Guidance
 from .recipes import SolverRecipe, parse_schedule, parse_solver
 from .registry import ModelBundle
 
@@ -85,13 +86,20 @@ def make_sampler(
     seed: int = 0,
     classes: Sequence[int] | None = None,
     batch_size: int = 256,
+    guidance: Sequence[Guidance] = (),
 ) -> Sampler:
     """A function from sample indices to (uint8 images, labels), deterministic per index; the labels cycle
     through ``classes`` (all classes by default) for a class-conditional model. ``schedule`` defaults to the
-    model's (:attr:`ModelBundle.default_schedule`); diffusers' schedulers use their config's grid without one."""
+    model's (:attr:`ModelBundle.default_schedule`); diffusers' schedulers use their config's grid without one.
+    ``guidance``: hooks of the one step (:class:`~diffsamplers.step.Guidance`), our solvers only."""
     recipe = parse_solver(solver)
     device, process, shape = bundle.device, bundle.process, bundle.sample_shape
     if recipe.is_diffusers:
+        if guidance:
+            raise ValueError(
+                f"guidance {list(guidance)} runs in our sampling loop: {solver!r} (a diffusers scheduler) takes only "
+                "the classifier-free scale"
+            )
         scheduler = diffusers_scheduler(recipe, bundle, schedule)
 
         def run(noise: NoiseSource, n: int, cond: Cond, uncond: Cond) -> torch.Tensor:
@@ -113,6 +121,7 @@ def make_sampler(
                 cond=cond,
                 uncond=uncond,
                 guidance_scale=guidance_scale,
+                guidance=guidance,
                 progress=False,
             )
 

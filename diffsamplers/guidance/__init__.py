@@ -2,10 +2,14 @@
 
 The hooks live with the step function (:mod:`diffsamplers.step`): a guidance changes the conditions before the
 model call (``condition``), x̂0 after it (``guide_x0``, with the gradient with respect to x when it asks for it)
-and the sample after the solver's update (``transition``: candidates, resampling). Classifier-free guidance is the
-denoiser's ``guidance_scale``.
+and the sample after the solver's update (``transition``: candidates, resampling). ``sample(..., guidance=...)``
+takes one guidance or a sequence, composed in order. Random draws a guidance makes come from the samples' own
+streams (:meth:`StepContext.noise`), so a sample's result does not depend on its batch.
+
+Members: :class:`ClassifierFree` (the simplest: it sets the scale of the batched conditional/unconditional call).
 """
 
 from ..step import Conditions, Guidance, Move, StepContext
+from .classifier_free import ClassifierFree
 
-__all__ = ["Conditions", "Guidance", "Move", "StepContext"]
+__all__ = ["ClassifierFree", "Conditions", "Guidance", "Move", "StepContext"]
