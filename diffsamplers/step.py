@@ -47,6 +47,7 @@ __all__ = [
     "correct",
     "evaluation_point",
     "integrate",
+    "normalised_time",
     "plan_timesteps",
     "predict",
     "step",
@@ -98,6 +99,8 @@ class StepContext:
     timestep: Any
     alpha: Any
     sigma: Any
+    #: This step's conditions, once the ``condition`` hooks have run (``None`` before: the run's apply).
+    conditions: Conditions | None = None
 
     @property
     def plan(self) -> SolverPlan:
@@ -122,9 +125,7 @@ class StepContext:
         """Normalised diffusion time in [0, 1] at this evaluation: the process time of the plan's level over the
         process's largest time (DDPM: timestep/(N − 1); rectified flow: ≈ t), 1 at the model's noisiest level and
         0 at the data. Guidance schedules (CADS's γ(t), intermittent guidance) are written in it."""
-        process = self.run.plan.process
-        t = float(process.t_from_sigma_tilde(float(self.run.plan.sigmas[self.index])))
-        return min(max(t / float(process.t_max), 0.0), 1.0)
+        return normalised_time(self.run.plan, self.index)
 
     def noise(self, key: str, shape: Sequence[int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """N(0, 1) draws of ``shape`` per sample, from the samples' own stream named ``key`` (one per guidance
@@ -134,6 +135,30 @@ class StepContext:
         if source is None:
             return torch.randn((len(self.rows), *shape), device=device, dtype=dtype)
         return source.substream(key).draw(self.rows.start, self.rows.stop, tuple(shape), device, dtype)
+
+    def denoise(self, x: torch.Tensor, time: float) -> torch.Tensor:
+        """x̂0 = D(x, t) at normalised time ``time`` (1 = noise, as :attr:`time`) with this step's conditions (the
+        run's where no ``condition`` hook ran): the model called at a level other than the step's, e.g. a re-noised
+        x̂0 denoised again (the self-guided minority sampler). Builds a graph only where gradients are enabled."""
+        if self.run.denoiser is None:
+            raise ValueError("this run has no denoiser: a guidance that calls the model cannot run here")
+        process = self.run.plan.process
+        t = min(max(float(time) * float(process.t_max), float(process.t_min)), float(process.t_max))
+        alpha, sigma = (float(v) for v in process.alpha_sigma(process.sigma_tilde(t)))
+        c = self.conditions
+        if c is None:
+            c = Conditions(self.run.cond, self.run.uncond, self.run.guidance_scale)
+        return self.run.denoiser.predict_x0(
+            x, float(process.timestep(t)), alpha, sigma, cond=c.cond, uncond=c.uncond, guidance_scale=c.guidance_scale
+        )
+
+
+def normalised_time(plan: SolverPlan, index: int) -> float:
+    """The normalised time of evaluation ``index`` of ``plan`` (:attr:`StepContext.time`), without a run: what a
+    guidance's schedule is written in, so that it can list the evaluations it acts at before sampling."""
+    process = plan.process
+    t = float(process.t_from_sigma_tilde(float(plan.sigmas[index])))
+    return min(max(t / float(process.t_max), 0.0), 1.0)
 
 
 class Guidance:
@@ -150,6 +175,12 @@ class Guidance:
     def condition(self, ctx: StepContext, conditions: Conditions) -> Conditions:
         """The conditions and guidance scale of this step's model call (before it)."""
         return conditions
+
+    def needs_grad_at(self, ctx: StepContext) -> bool:
+        """Whether this step's model call needs the graph to x (``needs_grad`` by default); a guidance that acts at
+        some steps only, or computes its gradient itself in chunks, returns ``False`` elsewhere so that
+        :func:`predict` builds no graph there."""
+        return self.needs_grad
 
     def guide_x0(self, ctx: StepContext, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         """x̂0 after the model call, at sample ``x``."""
@@ -360,7 +391,8 @@ def predict(run: SamplingRun, index: int, x: torch.Tensor) -> torch.Tensor:
     conditions = Conditions(run.cond, run.uncond, run.guidance_scale)
     for g in run.guidance:
         conditions = g.condition(ctx, conditions)
-    if not any(g.needs_grad for g in run.guidance):
+    ctx = replace(ctx, conditions=conditions)
+    if not any(g.needs_grad_at(ctx) for g in run.guidance):
         x0 = _call(run.denoiser, ctx, x, conditions)
         for g in run.guidance:
             x0 = g.guide_x0(ctx, x, x0)

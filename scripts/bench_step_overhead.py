@@ -9,8 +9,18 @@ and UniPCMultistep (the baseline of our UniPC / DC-Solver rows), and device→ho
 (:class:`diffsamplers.diagnostics.HostReadCounter`) and, on CUDA, also with
 ``torch.cuda.set_sync_debug_mode``.
 
+**Guidance rows** (``guidance_rows`` in the JSON): what each guidance registered in
+:data:`diffsamplers.apps.recipes.GUIDANCES` costs per step against unguided sampling, in the same run — the bundled
+digits model (fp32; a real network, since guidances differentiate it, anneal its class embedding or run a classifier
+beside it), DPM-Solver++ 2M, ``--guidance-steps`` steps, batch ``--guidance-batch``: unguided (classifier-free scale
+1), classifier-free guidance at scale 2 (one batched call of twice the rows), and each guidance with that scale
+(:data:`GUIDANCE_SPECS`), as ms per step, the factor against unguided and against CFG alone, and host reads per run.
+A guidance that cannot be built or run here (e.g. no minority classifier shipped) is listed under
+``guidance_skipped`` with the reason.
+
     python scripts/bench_step_overhead.py                 # CPU, and CUDA when present
     python scripts/bench_step_overhead.py --device cpu --batch 1 16 --json out/bench.json
+    OMP_NUM_THREADS=1 python scripts/bench_step_overhead.py --device cpu --guidance-only   # the guidance rows
 """
 
 from __future__ import annotations
@@ -64,12 +74,17 @@ def _our_loop(order: int = 2, check_finite: bool = True, solver=None) -> Callabl
 
 
 def _time_all(
-    loops: dict[str, Callable[[torch.Tensor], torch.Tensor]], latents: torch.Tensor, repeats: int
+    loops: dict[str, Callable[[torch.Tensor], torch.Tensor]],
+    latents: torch.Tensor,
+    repeats: int,
+    steps: int = STEPS,
+    warmup: int = 2,
 ) -> dict[str, float]:
-    """Median ms per step of each loop; the loops take turns so that machine noise hits all alike."""
+    """Median ms per step of each loop (``steps`` steps a run); the loops take turns so that machine noise hits all
+    alike."""
     sync = torch.cuda.synchronize if latents.device.type == "cuda" else (lambda: None)
     for fn in loops.values():
-        for _ in range(2):
+        for _ in range(warmup):
             fn(latents)
     sync()
     times: dict[str, list[float]] = {label: [] for label in loops}
@@ -79,7 +94,7 @@ def _time_all(
             fn(latents)
             sync()
             times[label].append(time.perf_counter() - start)
-    return {label: statistics.median(t) / STEPS * 1e3 for label, t in times.items()}
+    return {label: statistics.median(t) / steps * 1e3 for label, t in times.items()}
 
 
 def _host_reads(fn: Callable[[torch.Tensor], torch.Tensor], latents: torch.Tensor) -> int:
@@ -171,6 +186,120 @@ def measure_device(
     return rows
 
 
+#: The guidance rows' specs (CFG scale 2 with each guidance); a registered guidance not listed runs as ``2+NAME``.
+#: self-minority needs its scale w; by default it guides every 5th evaluation, ``k=1`` every one (its worst case).
+UNGUIDED, CFG = "1", "2"
+GUIDANCE_SPECS: dict[str, list[str]] = {
+    "cads": ["2+cads"],
+    "minority": ["2+minority"],
+    "self-minority": ["2+self-minority:w=0.3", "2+self-minority:w=0.3,k=1"],
+}
+
+
+def guidance_specs() -> list[str]:
+    """Unguided, CFG, then the specs of every registered guidance (:data:`GUIDANCE_SPECS`)."""
+    from diffsamplers.apps.recipes import GUIDANCES
+
+    return [UNGUIDED, CFG, *(spec for name in GUIDANCES for spec in GUIDANCE_SPECS.get(name, [f"{CFG}+{name}"]))]
+
+
+def build_guidance_loops(
+    device: str, batch: int, steps: int
+) -> tuple[dict[str, Callable[[torch.Tensor], torch.Tensor]], dict[str, str]]:
+    """The guidance loops by spec, each run once here (its first warm-up), and the specs that could not be built or
+    run, with the reason (one line)."""
+    from diffsamplers import DPMSolverPlusPlus, sample
+    from diffsamplers.apps.recipes import parse_guidance, parse_schedule
+    from diffsamplers.apps.registry import load_model
+    from diffsamplers.rng import NoiseSource
+    from diffsamplers.sampling import initial_noise
+
+    bundle = load_model("digits", device)
+    schedule = parse_schedule(bundle.default_schedule).build(bundle.process, steps)
+    labels = bundle.labels_for(range(batch))
+    x_T = initial_noise(
+        bundle.process,
+        schedule.sigmas[0],
+        (batch, *bundle.sample_shape),
+        NoiseSource(seeds=range(batch)),
+        device=device,
+    )
+    loops: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
+    skipped: dict[str, str] = {}
+    for spec in guidance_specs():
+        try:
+            recipe = parse_guidance(spec)
+            scale = 1.0 if recipe.scale is None else recipe.scale
+            hooks = recipe.build(bundle)
+            cond, uncond = bundle.conditions(labels, scale)
+
+            def run(_latents: torch.Tensor, hooks=hooks, cond=cond, uncond=uncond, scale=scale) -> torch.Tensor:
+                noise = NoiseSource(seeds=range(batch))  # a guidance's own draws: per-sample streams
+                return sample(
+                    bundle.denoiser,
+                    DPMSolverPlusPlus(2),
+                    schedule,
+                    x_T=x_T,
+                    cond=cond,
+                    uncond=uncond,
+                    guidance_scale=scale,
+                    guidance=hooks,
+                    noise=noise,
+                    progress=False,
+                )
+
+            run(x_T)
+        except Exception as err:  # a guidance that cannot run here is reported, not fatal
+            skipped[spec] = " ".join(f"{type(err).__name__}: {err}".split())
+            continue
+        loops[spec] = run
+    return loops, skipped
+
+
+def measure_guidance(device: str, batch: int, steps: int, repeats: int) -> tuple[list[dict], list[dict]]:
+    """One row per guidance spec on ``device`` (printed as a table): ms per step, the factors against unguided
+    sampling and against CFG alone, host reads per run (and on CUDA synchronising calls per run); and the specs
+    skipped, with the reason."""
+    loops, skipped = build_guidance_loops(device, batch, steps)
+    name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine()
+    print(f"\n## guidance on {device} ({name}): digits model, fp32, DPM-Solver++ 2M, {steps} steps, batch {batch}")
+    header = f"{'guidance spec':<34}{'ms/step':>10}{'vs unguided':>13}{'vs CFG 2':>10}{'host reads/run':>16}"
+    print(header + (f"{'CUDA syncs/run':>16}" if device == "cuda" else ""))
+    x = torch.zeros(1, device=device)  # the loops carry their own noises
+    times = _time_all(loops, x, repeats, steps=steps, warmup=1)
+    rows = []
+    for spec, fn in loops.items():
+        ms = times[spec]
+        base, cfg = times.get(UNGUIDED), times.get(CFG)
+        row = {
+            "device": device,
+            "device_name": name,
+            "spec": spec,
+            "model": "digits",
+            "solver": "dpm++2m",
+            "steps": steps,
+            "batch": batch,
+            "ms_per_step": ms,
+            "ratio_vs_unguided": None if base is None else ms / base,
+            "ratio_vs_cfg": None if cfg is None else ms / cfg,
+            "host_reads_per_run": _host_reads(fn, x),
+        }
+        ratios = "".join(
+            f"{'—' if r is None else f'{r:.2f}':>{w}}"
+            for r, w in ((row["ratio_vs_unguided"], 13), (row["ratio_vs_cfg"], 10))
+        )
+        label = spec + {UNGUIDED: " (unguided)", CFG: " (CFG)"}.get(spec, "")
+        line = f"{label:<34}{ms:>10.2f}{ratios}{row['host_reads_per_run']:>16d}"
+        if device == "cuda":
+            row["cuda_syncs_per_run"] = _cuda_syncs(fn, x)
+            line += f"{row['cuda_syncs_per_run']:>16d}"
+        print(line)
+        rows.append(row)
+    for spec, reason in skipped.items():
+        print(f"{spec:<34} skipped: {reason}")
+    return rows, [{"device": device, "spec": spec, "reason": reason} for spec, reason in skipped.items()]
+
+
 def main(argv: list[str] | None = None) -> None:
     import diffusers
 
@@ -181,22 +310,41 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--guidance-batch", type=int, default=16, help="batch of the guidance rows")
+    parser.add_argument("--guidance-steps", type=int, default=10, help="sampling steps of the guidance rows")
+    parser.add_argument("--guidance-repeats", type=int, default=5, help="repeats of the guidance rows")
+    parser.add_argument("--no-guidance", action="store_true", help="leave out the guidance rows")
+    parser.add_argument("--guidance-only", action="store_true", help="only the guidance rows")
     args = parser.parse_args(argv)
     devices = args.device or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
 
+    if args.no_guidance and args.guidance_only:
+        parser.error("--no-guidance and --guidance-only leave nothing to measure")
     loops = build_loops()
-    rows = [row for device in devices for row in measure_device(device, args.batch, args.repeats, loops)]
+    rows = (
+        [] if args.guidance_only else [r for d in devices for r in measure_device(d, args.batch, args.repeats, loops)]
+    )
+    guidance_rows: list[dict] = []
+    guidance_skipped: list[dict] = []
+    for device in [] if args.no_guidance else devices:
+        measured, skipped = measure_guidance(device, args.guidance_batch, args.guidance_steps, args.guidance_repeats)
+        guidance_rows += measured
+        guidance_skipped += skipped
     meta = {
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
         "diffsamplers": diffsamplers.__version__,
-        "steps": STEPS,
-        "repeats": args.repeats,
+        "steps": None if args.guidance_only else STEPS,
+        "repeats": None if args.guidance_only else args.repeats,
+        "guidance": None
+        if args.no_guidance
+        else {"steps": args.guidance_steps, "batch": args.guidance_batch, "repeats": args.guidance_repeats},
     }
     print(f"\n{json.dumps(meta)}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=2)
+            data = {"meta": meta, "rows": rows, "guidance_rows": guidance_rows, "guidance_skipped": guidance_skipped}
+            json.dump(data, f, indent=2)
 
 
 if __name__ == "__main__":

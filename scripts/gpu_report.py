@@ -5,7 +5,9 @@ Parts, in this order, each with its own time budget inside one global deadline (
 * ``step_overhead`` → ``step_overhead.json`` (60 s): ms per step and, on CUDA, synchronising calls per 25-step
   run of our ``sample()`` loop (DPM-Solver++ 2M/3M, UniPC, DC-Solver) and of our schedulers vs diffusers'
   DPMSolverMultistep, UniPCMultistep and EulerDiscrete schedulers — ``scripts/bench_step_overhead.py``, batch 1
-  and 16, 15 repeats.
+  and 16, 15 repeats; then its guidance rows (``guidance_rows``): ms per step of every registered guidance and
+  classifier-free guidance against unguided sampling on the digits model (DPM-Solver++ 2M, 25 steps, batch 64,
+  5 repeats), host reads and CUDA synchronisations per run.
 * ``gpu_tests`` → ``gpu_tests.json`` (60 s): ``pytest -m gpu`` on the test files that carry the marker; the
   outcome of every test and the counts (without CUDA, pytest skips them all and the part is marked skipped).
 * ``throughput`` → ``throughput.json`` (180 s): images/s of our loop vs diffusers' pipeline loop at batch 64, 256
@@ -77,6 +79,9 @@ class Sizes:
 
     overhead_batches: tuple[int, ...] = (1, 16)
     overhead_repeats: int = 15
+    guidance_batch: int = 64
+    guidance_steps: int = 25
+    guidance_repeats: int = 5
     throughput_models: tuple[str, ...] = THROUGHPUT_MODELS
     throughput_batches: tuple[int, ...] = (64, 256, 1024)
     throughput_repeats: int = 3
@@ -91,6 +96,9 @@ FULL = Sizes()
 SMOKE = Sizes(
     overhead_batches=(1,),
     overhead_repeats=1,
+    guidance_batch=2,
+    guidance_steps=3,
+    guidance_repeats=1,
     throughput_models=("digits",),
     throughput_batches=(2,),
     throughput_repeats=1,
@@ -191,15 +199,31 @@ def step_overhead(ctx: Context) -> None:
         latents="(B, 4, 64, 64)",
         dtype="float16" if ctx.device == "cuda" else "float32",
         baselines=[bench.BASELINE, bench.UNIPC_BASELINE],
+        guidance={
+            "model": "digits",
+            "solver": "dpm++2m",
+            "steps": ctx.sizes.guidance_steps,
+            "batch": ctx.sizes.guidance_batch,
+            "repeats": ctx.sizes.guidance_repeats,
+            "specs": bench.guidance_specs(),
+        },
     )
-    ctx.planned = ["timings, host reads and CUDA syncs of every loop"]
+    loops, guidance = "timings, host reads and CUDA syncs of every loop", "guidance rows (cost against unguided)"
+    ctx.planned = [loops, guidance]
     ctx.results["rows"] = bench.measure_device(ctx.device, batches, ctx.sizes.overhead_repeats)
-    ctx.finished += ctx.planned
+    ctx.finished.append(loops)
     if ctx.device != "cuda":
         ctx.skip(
             "CUDA synchronisations per run (cuda_syncs_per_run)",
             f"needs a CUDA device (--device {ctx.device}); host reads per run are counted on every device",
         )
+    rows, skipped = bench.measure_guidance(
+        ctx.device, ctx.sizes.guidance_batch, ctx.sizes.guidance_steps, ctx.sizes.guidance_repeats
+    )
+    ctx.results["guidance_rows"] = rows
+    for item in skipped:
+        ctx.skip(f"guidance {item['spec']}", item["reason"])
+    ctx.finished.append(guidance)
 
 
 def gpu_test_files() -> list[str]:

@@ -2,9 +2,10 @@
 
 * :class:`CommandParser` — an ``ArgumentParser`` whose usage errors are one line, ``prog: error: --flag …``
   (exit 2), and whose help shows every default;
-* checked argument types — :func:`integer`, :func:`finite_float`, :func:`guidance_scale`, :func:`class_labels`,
-  :func:`device`, :func:`spec` (a spec parser of :mod:`~diffsamplers.apps.recipes`), :func:`output_file` and
-  :func:`output_folder`: a bad value fails while the arguments are parsed, naming the flag and the value;
+* checked argument types — :func:`integer`, :func:`finite_float`, :func:`positive_float`, :func:`guidance_scale`,
+  :func:`class_labels`, :func:`device`, :func:`spec` (a spec parser of :mod:`~diffsamplers.apps.recipes`),
+  :func:`output_file` and :func:`output_folder`: a bad value fails while the arguments are parsed, naming the flag
+  and the value;
 * :func:`run_command` — parse, create the folders of the outputs, run the command; ``ValueError``,
   ``TypeError`` and ``OSError`` of the library (bad input found later) become ``prog: error: message`` (exit 2).
 """
@@ -38,6 +39,7 @@ __all__ = [
     "output_folder",
     "parse_class_labels",
     "plot_suffixes",
+    "positive_float",
     "run_command",
     "seed",
     "set_command",
@@ -213,6 +215,11 @@ def _number(text: str, accept: Callable[[float], bool], wanted: str) -> float:
 def finite_float(text: str) -> float:
     """A finite number: ``--flag must be a finite number, got nan``."""
     return _number(text, lambda _value: True, "a finite number")
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0: ``--flag must be a finite number > 0, got 0``."""
+    return _number(text, lambda value: value > 0, "a finite number > 0")
 
 
 def guidance_scale(text: str) -> float:

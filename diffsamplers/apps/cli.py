@@ -22,12 +22,12 @@ from .arguments import (
     add_sampler_arguments,
     device,
     finite_float,
-    guidance_scale,
     help_text,
     integer,
     output_file,
     parse_class_labels,
     plot_suffixes,
+    positive_float,
     run_command,
     seed,
     set_command,
@@ -67,19 +67,23 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .digits_eval import format_table, run_eval
+    from .digits_eval import GuidanceError, format_table, run_eval
     from .plots import plot_digits_eval
 
-    report = run_eval(
-        nfes=args.nfe,
-        num_samples=args.num_samples,
-        guidance_scale=args.guidance,
-        seed=args.seed,
-        select=args.methods,
-        progress=not args.quiet,
-    )
+    try:
+        report = run_eval(
+            nfes=args.nfe,
+            num_samples=args.num_samples,
+            guidance=args.guidance,
+            seed=args.seed,
+            select=args.methods,
+            progress=not args.quiet,
+        )
+    except GuidanceError as err:  # a named guidance the model cannot take (built once the model is loaded)
+        raise ValueError(f"--guidance: {err}") from None
     print(
-        f"# {report['metric']}; {report['num_samples']} samples, guidance {report['guidance_scale']}, seed {report['seed']}"
+        f"# {report['metric']}; {report['num_samples']} samples, guidance {report['guidance']} (classifier-free "
+        f"scale {report['guidance_scale']:g}), seed {report['seed']}"
     )
     print(format_table(report))
     _write_report(report, args, plot_digits_eval)
@@ -128,7 +132,7 @@ def _grid_rows(count: int) -> int:
 
 
 def _sample(args: argparse.Namespace) -> int:
-    from .images import save_grid
+    from .images import save_grid, save_grids_side_by_side
     from .registry import load_model
     from .samplers import make_sampler
 
@@ -143,10 +147,16 @@ def _sample(args: argparse.Namespace) -> int:
         bundle, args.solver, args.steps, schedule, guidance, args.seed, classes=labels, guidance=hooks
     )
     images, _ = sampler(range(count))
-    path = save_grid(images, rows, args.output)
+    what = f"guidance {args.guidance or format(guidance, 'g')}"
+    if args.compare_unguided:  # the same seeds with the classifier-free scale alone, on the left
+        plain = make_sampler(bundle, args.solver, args.steps, schedule, guidance, args.seed, classes=labels)
+        path = save_grids_side_by_side([plain(range(count))[0], images], rows, args.output)
+        what = f"left: classifier-free scale {guidance:g} only; right: {what}; the same noises"
+    else:
+        path = save_grid(images, rows, args.output)
     print(
         f"wrote {path}: {count} samples from {args.model} with {args.solver}, {args.steps} steps ({schedule}), "
-        f"guidance {args.guidance or format(guidance, 'g')}, seed {args.seed}"
+        f"{what}, seed {args.seed}"
     )
     return 0
 
@@ -162,9 +172,11 @@ def _schedule_ays(args: argparse.Namespace) -> int:
 
 
 def _schedule_optimize(args: argparse.Namespace) -> int:
-    from ..tuning.ays_optimizer import AYSSettings
+    from ..tuning.ays_optimizer import AYSSettings, ScheduleBoundsError
     from .schedule_job import StoppingRule, optimize_for_model
 
+    if args.sigma_min is not None and args.sigma_max is not None and args.sigma_min >= args.sigma_max:
+        raise ValueError(f"--sigma-min must be below --sigma-max, got {args.sigma_min:g} and {args.sigma_max:g}")
     settings = AYSSettings(
         num_steps=args.nfe,
         refinements=args.refinements,
@@ -173,6 +185,8 @@ def _schedule_optimize(args: argparse.Namespace) -> int:
         refine_sweeps=args.refine_sweeps,
         patience=args.patience,
         init=args.init,
+        sigma_min=args.sigma_min,
+        sigma_max=args.sigma_max,
         seed=args.seed,
         batch_size=args.batch_size,
         importance_c=args.importance_c,
@@ -184,19 +198,22 @@ def _schedule_optimize(args: argparse.Namespace) -> int:
         reference_steps=args.reference_steps,
         search_samples=args.search_samples,
     )
-    learned = optimize_for_model(
-        args.model,
-        args.nfe,
-        args.output,
-        settings,
-        rule,
-        checkpoint=args.checkpoint,
-        resume=not args.no_resume,
-        plot=args.plot,
-        data=args.data,
-        device=args.device,
-        log=None if args.quiet else print,
-    )
+    try:
+        learned = optimize_for_model(
+            args.model,
+            args.nfe,
+            args.output,
+            settings,
+            rule,
+            checkpoint=args.checkpoint,
+            resume=not args.no_resume,
+            plot=args.plot,
+            data=args.data,
+            device=args.device,
+            log=None if args.quiet else print,
+        )
+    except ScheduleBoundsError as err:  # checked against the model's noise range once the model is loaded
+        raise ValueError(f"--{err.name.replace('_', '-')}: {err}") from None
     for n, levels in learned.stages.items():
         print(f"{n} steps:", [round(float(v), 6) for v in levels])
     print(f"wrote {args.output}" + (f" and {args.plot}" if args.plot else ""))
@@ -277,15 +294,36 @@ def _add_sample(sub: Any) -> None:
         guidance_specs=True,
     )
     p.add_argument("--per-class", type=integer(), default=8, help="samples per class (unconditional model: in all)")
+    p.add_argument(
+        "--compare-unguided",
+        action="store_true",
+        help="write two grids side by side from the same noises: left with the --guidance spec's classifier-free "
+        "scale only, right with its named guidances as well",
+    )
     image = output_file(image_suffixes, "an image")
     add_output(p, "the image to write (.png, .jpg, .webp, …)", default="samples.png", type=image)
     set_command(p, _sample, outputs=("output",))
 
 
 def _add_eval(sub: Any) -> None:
-    p = _command(sub, "eval", "FD-digits and class accuracy vs NFE for several solvers (ours and diffusers')")
+    from .recipes import describe_guidances, parse_guidance
+
+    p = _command(
+        sub,
+        "eval",
+        "FD-digits, class accuracy, precision/recall, density/coverage, AvgkNN and within-class diversity vs NFE "
+        "for several solvers (ours and diffusers') on the digits model",
+    )
     _add_report_arguments(p, [5, 10, 20], 500, 2)
-    p.add_argument("--guidance", type=guidance_scale, default=1.0, help="classifier-free guidance scale, 1 = none")
+    p.add_argument(
+        "--guidance",
+        type=spec(parse_guidance),
+        default="1",
+        help=help_text(
+            "guidance spec; a number is the classifier-free guidance scale, > 0, 1 = none; named guidances run in "
+            f"our solvers only (diffusers' schedulers are skipped): {describe_guidances()}"
+        ),
+    )
     set_command(p, _eval, outputs=("json", "plot"))
 
 
@@ -337,6 +375,19 @@ def _add_schedule_optimize(cmds: Any) -> None:
         default="auto",
         choices=["auto", "uniform_time", "karras", "uniform_logsnr"],
         help="the first stage's starting schedule",
+    )
+    p.add_argument(
+        "--sigma-min",
+        type=positive_float,
+        default=None,
+        help="the lowest level σ̃ of the learned schedule, where the KLUB's last interval ends; sampling replaces it by "
+        "0 (default: the model's σ̃_min; on a flow model, 1e-6, which makes the last interval's KLUB dominate)",
+    )
+    p.add_argument(
+        "--sigma-max",
+        type=positive_float,
+        default=None,
+        help="the highest level σ̃ of the learned schedule, where sampling starts (default: the model's σ̃_max)",
     )
     p.add_argument("--importance-c", type=finite_float, default=0.5, help="importance sampling constant of the KLUB")
     p.add_argument("--power", type=int, default=1, choices=[1, 2], help="power of the KLUB weights")

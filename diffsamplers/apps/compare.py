@@ -11,8 +11,9 @@ the setting (:data:`SETTINGS`):
 * ``"flow"`` — the rectified-flow path x_t = (1 − t) x0 + t ε (Liu et al. 2023; Lipman et al. 2023) of the model
   ``gmm-flow``, a velocity network (v = ε − x0, timestep 1000·t), x_T = ε at t = 1 — pure noise, where
   ``FlowMatchEulerDiscreteScheduler`` starts, as a pipeline's ``latents = randn``. A method whose grid starts below
-  t = 1 (diffusers' flow DPM-Solver and UniPC, our solvers on the flow or uniform-logSNR grid) takes that x_T as its
-  first sample, as diffusers' flow DPM-Solver does in a pipeline; the reference still starts at t = 1.
+  t = 1 (diffusers' flow DPM-Solver and UniPC, our solvers on the flow grid, the uniform-logSNR grid or the Align
+  Your Steps schedule learned for ``gmm-flow``) takes that x_T as its first sample, as diffusers' flow DPM-Solver
+  does in a pipeline; the reference still starts at t = 1.
 
 DC-Solver's ratios are searched per NFE (``dc-solver:search``: :func:`diffsamplers.tuning.dc_search.search_dc_ratios`,
 20 iterations per step as the official diffusers version) on 10 other noises against the reference trajectory; they
@@ -24,6 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -114,9 +116,16 @@ _FLOW_GRID = "diffusers' DPM-Solver flow grid, shift 3 (flow:shift=3): x_T = ε 
 _FLOW_LOGSNR = "uniform logSNR, t = 0.999 … 0.001 (σ̃ = 999 … 0.001): x_T = ε taken at t = 0.999, final t = 0"
 _LOGSNR_SPEC = "logsnr:sigma_max=999,sigma_min=0.001"
 _DIFFUSERS_FLOW = "use_flow_sigmas=true,prediction_type=flow_prediction,flow_shift=3.0"
+#: The Align Your Steps schedule learned for ``gmm-flow`` (docs/flow_matching.md gives the command), a file of the
+#: repository: a relative ``learned:`` path is found from the working directory or else from the repository root.
+FLOW_AYS_FILE = "docs/ays/gmm-flow_dpm++2m_nfe10.safetensors"
+_FLOW_AYS = (
+    "Align Your Steps learned for gmm-flow with DPM-Solver++ 2M (KLUB, σ̃ = 1e6 … 0.01, 10 → 20 → 40 steps, "
+    "interpolated log-linearly to other NFEs, last level → 0): x_T = ε taken at t = 1 − 1e-6, final t = 0"
+)
 
-#: The rows of ``--process flow``: ours on diffusers' flow grid (and a uniform-logSNR grid), diffusers' flow
-#: schedulers. A row is (name, solver spec, schedule spec or None for a diffusers scheduler, notes).
+#: The rows of ``--process flow``: ours on diffusers' flow grid (and a uniform-logSNR grid and the learned schedule),
+#: diffusers' flow schedulers. A row is (name, solver spec, schedule spec or None for a diffusers scheduler, notes).
 FLOW_METHODS: tuple[tuple[str, str, str | None, str], ...] = (
     ("DPM-Solver++ 2M", "dpm++2m", "flow:shift=3", _FLOW_GRID),
     ("DPM-Solver++ 3M", "dpm++3m", "flow:shift=3", _FLOW_GRID + ", Taylor third-order term"),
@@ -129,6 +138,8 @@ FLOW_METHODS: tuple[tuple[str, str, str | None, str], ...] = (
     ),
     ("DPM-Solver++ 2M, logSNR", "dpm++2m", _LOGSNR_SPEC, _FLOW_LOGSNR),
     ("DPM-Solver++ 3M, logSNR", "dpm++3m", _LOGSNR_SPEC, _FLOW_LOGSNR),
+    ("DPM-Solver++ 2M, AYS learned", "dpm++2m", f"learned:{FLOW_AYS_FILE}", _FLOW_AYS),
+    ("UniPC (bh2), AYS learned", "unipc", f"learned:{FLOW_AYS_FILE}", _FLOW_AYS + "; the schedule learned for 2M"),
     (
         "diffusers FlowMatch Euler",
         "diffusers:FlowMatchEulerDiscreteScheduler",
@@ -213,6 +224,16 @@ SETTINGS: dict[str, Callable[[GaussianMixture], Setting]] = {"vp": _vp_setting, 
 PROCESSES = tuple(SETTINGS)
 
 
+def _in_repository(spec: str) -> str:
+    """A ``learned:`` spec whose relative path is not found from the working directory, with the path taken from
+    the repository root instead (where :data:`FLOW_AYS_FILE` lies); any other spec as it is."""
+    recipe = parse_schedule(spec)
+    if recipe.kind != "learned" or Path(str(recipe.arg)).is_absolute() or Path(str(recipe.arg)).is_file():
+        return spec
+    found = Path(__file__).resolve().parents[2] / str(recipe.arg)
+    return spec.replace(str(recipe.arg), str(found), 1) if found.is_file() else spec
+
+
 def _run(
     method: Method, bundle: ModelBundle, nfe: int, x_T: torch.Tensor, model_id: str = "gmm"
 ) -> tuple[torch.Tensor, float] | None:
@@ -229,7 +250,7 @@ def _run(
         last = float(scheduler.sigmas[-1]) if hasattr(scheduler, "sigmas") else 0.0
         # diffusers keeps σ̃ for VP models and the flow time t for flow models
         return x, float(bundle.process.sigma_tilde(last)) if bundle.process.scaling == "flow" else last
-    schedule = parse_schedule(method.schedule or "linspace").build(bundle.process, nfe)
+    schedule = parse_schedule(_in_repository(method.schedule or "linspace")).build(bundle.process, nfe)
 
     def search(solver: DCSolver) -> list[float]:
         points = initial_noise(bundle.process, schedule.sigmas[0], (PAPER_DATAPOINTS, *x_T.shape[1:]), SEARCH_SEED)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-__all__ = ["image_suffixes", "make_grid", "save_grid"]
+__all__ = ["image_suffixes", "make_grid", "save_grid", "save_grids_side_by_side"]
 
 
 def make_grid(images: torch.Tensor, rows: int, scale: int = 4, padding: int = 1) -> torch.Tensor:
@@ -36,13 +37,33 @@ def image_suffixes() -> frozenset[str]:
     return frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.SAVE)
 
 
-def save_grid(images: torch.Tensor, rows: int, path: str | Path, scale: int = 4) -> Path:
+def _write(grid: torch.Tensor, path: str | Path) -> Path:
+    """Write a uint8 (H, W, C) grid as an image file (its extension chooses the format)."""
     from PIL import Image
 
     path = Path(path)
     if path.suffix.lower() not in image_suffixes():
         raise ValueError(f"{path}: not an image file name Pillow can write (.png, .jpg, .webp, …)")
-    grid = make_grid(images, rows, scale).numpy()
+    array = grid.numpy()
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
+    Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(path)
     return path
+
+
+def save_grid(images: torch.Tensor, rows: int, path: str | Path, scale: int = 4) -> Path:
+    return _write(make_grid(images, rows, scale), path)
+
+
+def save_grids_side_by_side(
+    sheets: Sequence[torch.Tensor], rows: int, path: str | Path, scale: int = 4, gap: int = 16
+) -> Path:
+    """Grids of equally many uint8 (N, C, H, W) images, ``rows`` rows each, left to right with a white gap of
+    ``gap`` pixels between them (e.g. the same noises sampled without and with a guidance)."""
+    grids = [make_grid(images, rows, scale) for images in sheets]
+    if not grids or len({g.shape for g in grids}) != 1:
+        raise ValueError(
+            f"side-by-side grids need one or more sheets of the same shape, got {[tuple(s.shape) for s in sheets]}"
+        )
+    space = torch.full((grids[0].shape[0], int(gap), grids[0].shape[2]), 255, dtype=torch.uint8)
+    parts = [part for g in grids for part in (space, g)][1:]
+    return _write(torch.cat(parts, dim=1), path)

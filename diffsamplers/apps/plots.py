@@ -69,7 +69,9 @@ def plot_digits_eval(report: dict[str, Any], path: str | Path) -> None:
         ax.set_xticks(report["nfe"])
         ax.grid(True, alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"Bundled digits model, {report['num_samples']} samples, guidance {report['guidance_scale']}")
+    fig.suptitle(
+        f"Bundled digits model, {report['num_samples']} samples, guidance {report.get('guidance', report['guidance_scale'])}"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -481,3 +481,100 @@ def parse_guidance(spec: str | float) -> GuidanceRecipe:
             raise ValueError(f"unknown guidance {name!r} in {text!r}: expected {describe_guidances()}")
         terms.append((name, _options(options, text)))
     return GuidanceRecipe(text, scale, tuple(terms))
+
+
+def _self_minority(
+    bundle: Any,
+    *,
+    w: float | None = None,
+    level: float | None = None,
+    p: float | None = None,
+    every: int | None = None,
+    k: int | None = None,
+    cutoff: float | None = None,
+    sign: int = 1,
+    chunk: int | None = None,
+    draws: int = 1,
+    distance: str = "l2",
+    variance: str = "posterior",
+) -> Guidance:
+    """``self-minority:w=W[,p=0.8][,k=5][,cutoff=T][,sign=-1][,chunk=N][,draws=M][,distance=l2][,variance=…]`` — the
+    self-guided minority sampler (:class:`~diffsamplers.guidance.self_minority.SelfGuidedMinority`); ``level`` and
+    ``every`` are the long names of ``p`` and ``k``."""
+    from ..guidance.self_minority import SelfGuidedMinority
+
+    if w is None:
+        raise ValueError("self-minority needs its scale: self-minority:w=W (the paper uses 0.2-0.4 at 250 steps)")
+    for long, short, name in ((level, p, "level/p"), (every, k, "every/k")):
+        if long is not None and short is not None:
+            raise ValueError(f"self-minority: give {name} once, got {long!r} and {short!r}")
+    return SelfGuidedMinority(
+        w,
+        level=0.8 if level is None and p is None else (level if level is not None else p),
+        every=5 if every is None and k is None else (every if every is not None else k),
+        cutoff=cutoff,
+        sign=sign,
+        chunk_size=chunk,
+        draws=draws,
+        distance=distance,
+        variance=variance,
+        model_name=getattr(bundle, "name", None),
+    )
+
+
+register_guidance("self-minority", _self_minority)
+
+
+def _minority(bundle: Any, *, level: int | None = None, w: float = 1.0, classifier: str | None = None) -> Guidance:
+    """``minority[:level=L-1][,w=1][,classifier=PATH]`` — classifier-based minority guidance (Um et al. 2024;
+    :class:`~diffsamplers.guidance.minority.MinorityGuidance`) with the minority classifier shipped beside the
+    model's folder (``<folder>_minority``, :func:`~diffsamplers.models.minority_classifier.default_minority_dir`)
+    or the one at ``PATH``, checked against the model's id; ``level`` defaults to the most unique, L − 1."""
+    from ..guidance.minority import MinorityGuidance
+    from ..models.minority_classifier import default_minority_dir, load_minority_classifier, network_id
+
+    name = getattr(bundle, "name", "this model")
+    if classifier is None:
+        folder = getattr(bundle, "folder", None)
+        if folder is None or not (default_minority_dir(folder) / "config.json").is_file():
+            where = "it has no model folder" if folder is None else f"there is none at {default_minority_dir(folder)}"
+            raise ValueError(
+                f"minority: model {name!r} ships no minority classifier ({where}); pass minority:classifier=PATH "
+                "(train one with scripts/train_minority_classifier.py)"
+            )
+        path = default_minority_dir(folder)
+    else:
+        path = Path(str(classifier))
+    net, _ = load_minority_classifier(path, model_id=network_id(bundle.denoiser.model), device=bundle.device)
+    target = net.num_levels - 1 if level is None else level
+    if isinstance(target, float) and target.is_integer():
+        target = int(target)
+    return MinorityGuidance(net, target, w)
+
+
+register_guidance("minority", _minority)
+
+
+def _cads(
+    bundle: Any,
+    *,
+    tau1: float = 0.6,
+    tau2: float = 0.9,
+    s: float = 0.1,
+    psi: float = 1.0,
+    both: bool = False,
+) -> Guidance:
+    """``cads[:tau1=0.6,tau2=0.9,s=0.1,psi=1,both=false]`` — condition-annealed sampling (Sadat et al. 2024;
+    :class:`~diffsamplers.guidance.cads.CADS`) of a class-conditional model's class *embedding*: the network is made
+    to take the embedding in place of its label (:func:`~diffsamplers.guidance.cads.class_embedding_input`); a model
+    without a learned class embedding (the exact ``gmm-cond``) or without a condition raises ``ValueError``."""
+    from ..guidance.cads import CADS, class_embedding_input
+
+    name = getattr(bundle, "name", "this model")
+    if not getattr(bundle, "num_classes", 0):
+        raise ValueError(f"cads: model {name!r} is unconditional; CADS anneals a condition")
+    embed = class_embedding_input(bundle.denoiser.model, f"model {name!r}")
+    return CADS(tau1, tau2, s, psi, both=both, embeddings={bundle.cond_key: embed})
+
+
+register_guidance("cads", _cads)

@@ -122,6 +122,7 @@ def make_sampler(
                 uncond=uncond,
                 guidance_scale=guidance_scale,
                 guidance=guidance,
+                noise=noise,  # the step's and the guidances' draws continue each sample's own stream
                 progress=False,
             )
 

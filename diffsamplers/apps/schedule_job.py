@@ -19,7 +19,7 @@ from ..reference import REFERENCE_STEPS
 from ..schedules.learned import LearnedSchedule
 from ..schedules.schedule import Schedule
 from ..schedules.spacing import karras, uniform_logsnr, uniform_time
-from ..tuning.ays_optimizer import AYSSettings, optimize_schedule
+from ..tuning.ays_optimizer import AYSSettings, optimize_schedule, schedule_bounds
 from ..tuning.dc_schedule_metric import SearchedDCErrorMetric
 from ..tuning.dc_search import PAPER_DATAPOINTS
 from ..tuning.solver_error import SolverErrorMetric
@@ -88,6 +88,7 @@ def optimize_for_model(
     if bundle.data is None:
         raise ValueError(f"model {model!r} has no data: pass data= (a tensor file or 'sklearn-digits')")
     settings = settings or AYSSettings(num_steps=nfe)
+    schedule_bounds(bundle.process, settings)  # endpoints outside the model's range fail before any computation
     rule = rule or StoppingRule()
     run_device = device or "cpu"
     metric = stopping_metric(bundle, rule, run_device)

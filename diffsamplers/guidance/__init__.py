@@ -6,10 +6,25 @@ and the sample after the solver's update (``transition``: candidates, resampling
 takes one guidance or a sequence, composed in order. Random draws a guidance makes come from the samples' own
 streams (:meth:`StepContext.noise`), so a sample's result does not depend on its batch.
 
-Members: :class:`ClassifierFree` (the simplest: it sets the scale of the batched conditional/unconditional call).
+Members: :class:`ClassifierFree` (the simplest: it sets the scale of the batched conditional/unconditional call);
+:class:`SelfGuidedMinority` (Um & Ye 2024: ascent on the model's own reconstruction loss, a gradient guidance);
+:class:`CADS` (Sadat et al. 2024: the condition's embedding annealed from noise to clean, a ``condition`` hook);
+:class:`MinorityGuidance` (Um, Lee & Ye 2024: a minority classifier's gradient added to x̂0, a ``guide_x0`` hook).
 """
 
 from ..step import Conditions, Guidance, Move, StepContext
+from .cads import CADS
 from .classifier_free import ClassifierFree
+from .minority import MinorityGuidance
+from .self_minority import SelfGuidedMinority
 
-__all__ = ["ClassifierFree", "Conditions", "Guidance", "Move", "StepContext"]
+__all__ = [
+    "CADS",
+    "ClassifierFree",
+    "Conditions",
+    "Guidance",
+    "MinorityGuidance",
+    "Move",
+    "SelfGuidedMinority",
+    "StepContext",
+]

@@ -46,7 +46,14 @@ from ..noise import DiscreteVP, NoiseProcess
 from ..schedules.learned import LearnedSchedule
 from .klub import KLUBEstimator
 
-__all__ = ["AYSSettings", "SearchState", "optimize_schedule", "initial_levels"]
+__all__ = [
+    "AYSSettings",
+    "ScheduleBoundsError",
+    "SearchState",
+    "optimize_schedule",
+    "initial_levels",
+    "schedule_bounds",
+]
 
 _CHECKPOINT = "ays_checkpoint"
 Metric = Callable[[np.ndarray], float]
@@ -86,14 +93,35 @@ class AYSSettings:
             raise ValueError(f"unknown init {self.init!r}")
 
 
+class ScheduleBoundsError(ValueError):
+    """An endpoint of the learned schedule (``name``: ``"sigma_min"`` or ``"sigma_max"``) that cannot be used."""
+
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(message)
+        self.name = name
+
+
+def schedule_bounds(process: NoiseProcess, settings: AYSSettings) -> tuple[float, float]:
+    """The learned schedule's endpoints (σ_min, σ_max): the settings' or the process's;
+    :class:`ScheduleBoundsError` unless 0 < σ_min < σ_max within the process's noise range."""
+    hi = process.sigma_max if settings.sigma_max is None else float(settings.sigma_max)
+    lo = process.sigma_min if settings.sigma_min is None else float(settings.sigma_min)
+    where = f"the model's noise range [{process.sigma_min:g}, {process.sigma_max:g}] ({type(process).__name__})"
+    if not (math.isfinite(lo) and lo >= process.sigma_min * (1 - 1e-9)):
+        raise ScheduleBoundsError("sigma_min", f"sigma_min {lo:g} lies outside {where}")
+    if not (math.isfinite(hi) and hi <= process.sigma_max * (1 + 1e-9)):
+        raise ScheduleBoundsError("sigma_max", f"sigma_max {hi:g} lies outside {where}")
+    if not lo < hi:
+        name = "sigma_min" if settings.sigma_min is not None else "sigma_max"
+        raise ScheduleBoundsError(name, f"sigma_min {lo:g} must be below sigma_max {hi:g}")
+    return lo, hi
+
+
 def initial_levels(process: NoiseProcess, settings: AYSSettings) -> np.ndarray:
     """The first-stage starting point: n + 1 decreasing levels from σ_max to σ_min."""
     from ..schedules.spacing import karras, uniform_logsnr, uniform_time
 
-    hi = process.sigma_max if settings.sigma_max is None else float(settings.sigma_max)
-    lo = process.sigma_min if settings.sigma_min is None else float(settings.sigma_min)
-    if not 0 < lo < hi:
-        raise ValueError(f"need 0 < sigma_min < sigma_max, got {lo} and {hi}")
+    lo, hi = schedule_bounds(process, settings)
     init = settings.init
     if init == "auto":
         init = "uniform_time" if isinstance(process, DiscreteVP) or process.scaling == "flow" else "karras"

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -100,7 +101,8 @@ BAD_ARGUMENTS = {
         ["sample", "--guidance", "nan"],
         ["--guidance: guidance spec 'nan'", "finite number > 0, got nan"],
     ),
-    "guidance inf": (["eval", "--guidance", "inf"], ["--guidance must be a finite number > 0", "got inf"]),
+    "guidance inf": (["eval", "--guidance", "inf"], ["--guidance: guidance spec 'inf'", "finite number > 0, got inf"]),
+    "eval guidance unknown": (["eval", "--guidance", "3+nope"], ["--guidance: unknown guidance 'nope' in '3+nope'"]),
     "guidance zero": (["sample", "--guidance", "0"], ["--guidance: guidance spec '0'", "finite number > 0, got 0"]),
     "guidance unknown": (["sample", "--guidance", "2+nope"], ["--guidance: unknown guidance 'nope' in '2+nope'"]),
     "guidance negative": (["fid", "--guidance", "-2", "--output", "r"], ["--guidance must be", "got -2"]),
@@ -279,15 +281,32 @@ def test_bench_step_overhead_script_runs(tmp_path):
             "1",
             "--repeats",
             "1",
+            "--guidance-batch",
+            "2",
+            "--guidance-steps",
+            "3",
+            "--guidance-repeats",
+            "1",
             "--json",
             str(out),
         ],
         capture_output=True,
         text=True,
         timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},  # a loaded 2-core machine: OpenMP spin-waits cost 10× here
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    rows = json.loads(out.read_text())["rows"]
+    data = json.loads(out.read_text())
+    rows = data["rows"]
+    # the guidance rows: unguided, CFG and every registered guidance, measured or skipped with a reason
+    from diffsamplers.apps.recipes import GUIDANCES
+
+    guided = {r["spec"]: r for r in data["guidance_rows"]}
+    assert guided["1"]["ratio_vs_unguided"] == 1.0 and guided["2"]["ratio_vs_cfg"] == 1.0
+    assert all(r["ms_per_step"] > 0 and r["steps"] == 3 and r["batch"] == 2 for r in guided.values())
+    covered = {spec for spec in guided} | {s["spec"] for s in data["guidance_skipped"]}
+    assert all(any(name in spec for spec in covered) for name in GUIDANCES)
+    assert all(s["reason"] for s in data["guidance_skipped"])
     ours = next(r for r in rows if r["loop"] == "diffsamplers sample(), 2M, check_finite=False")
     assert ours["host_reads_per_run"] == 0
     dc = next(r for r in rows if r["loop"] == "diffsamplers sample(), DC-Solver, check_finite=False")

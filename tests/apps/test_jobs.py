@@ -141,5 +141,12 @@ def test_eval_command_small_run(tmp_path, capsys):
     # same solver, same grid, same per-sample seeds: the same samples (to float32 rounding)
     assert ours["fd_digits"]["4"] == pytest.approx(theirs["fd_digits"]["4"], rel=1e-3)
     assert report["held_out"]["class_accuracy"] >= 0.97
+    assert report["guidance"] == "1" and report["guidance_scale"] == 1.0  # the default spec: no guidance
+    for row in (ours, report["held_out"]):  # the k-NN metrics beside FD-digits, for the samples and the floor
+        values = [row[m]["4"] if row is ours else row[m] for m in ("precision", "recall", "coverage")]
+        assert all(0.0 <= v <= 1.0 for v in values)
+        for metric in ("density", "avg_knn_distance", "within_class_diversity"):
+            assert (row[metric]["4"] if row is ours else row[metric]) > 0
     assert (tmp_path / "e.png").stat().st_size > 5000
-    assert "held-out digits (359)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "held-out digits (359)" in out and "# k-NN metrics vs the training digits" in out

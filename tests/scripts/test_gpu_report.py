@@ -71,6 +71,10 @@ def test_cuda_parts_are_skipped_with_a_reason_on_the_cpu(smoke):
     assert len(rows) == 12 and not any("cuda_syncs_per_run" in r for r in rows.values())
     assert rows["diffsamplers sample(), 2M, check_finite=False"]["host_reads_per_run"] == 0
     assert all(r["ms_per_step"]["1"] > 0 for r in rows.values())
+    guided = {r["spec"]: r for r in overhead["results"]["guidance_rows"]}  # unguided, CFG, each guidance
+    assert guided["1"]["ratio_vs_unguided"] == 1.0 and guided["2"]["ms_per_step"] > 0
+    assert not any("cuda_syncs_per_run" in r for r in guided.values())
+    assert overhead["settings"]["guidance"]["specs"][:2] == ["1", "2"]
 
 
 def test_throughput_and_ays_measure_on_the_cpu(smoke):
