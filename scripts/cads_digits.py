@@ -13,18 +13,14 @@ already in it are skipped, so an interrupted run resumes.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import time
 from pathlib import Path
 from typing import Any
 
-import diffusers
 import torch
 
-import diffsamplers
 from diffsamplers.apps.digits_eval import run_eval
-from diffsamplers.apps.tables import write_json
+from diffsamplers.apps.tables import resumed_report, versions, write_json
 
 #: CFG at 7.5 and 3, and CADS (τ1 = 0.6, τ2 = 0.9, ψ = 1) at the paper's class-conditional noise scales.
 DEFAULT_SPECS = [
@@ -89,11 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         "schedule": args.schedule,
         "seed": args.seed,
     }
-    report: dict[str, Any] = {"settings": settings, "rows": []}
-    if args.json.exists():
-        old = json.loads(args.json.read_text())
-        if old.get("settings") == settings:
-            report = old
+    report = resumed_report(args.json, settings)
     done = {row["spec"] for row in report["rows"]}
     for spec in args.specs:
         if spec in done:
@@ -113,12 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             knn_metrics=out["knn_metrics"],
             knn_k=out["knn_k"],
             held_out=out["held_out"],
-            versions={
-                "diffsamplers": diffsamplers.__version__,
-                "diffusers": diffusers.__version__,
-                "torch": torch.__version__,
-                "python": platform.python_version(),
-            },
+            versions=versions(),
             threads=torch.get_num_threads(),
         )
         write_json(report, args.json)

@@ -25,21 +25,18 @@ from __future__ import annotations
 
 import argparse
 import math
-import platform
 import time
 from pathlib import Path
 from typing import Any
 
-import diffusers
 import torch
 
-import diffsamplers
 from diffsamplers.apps.digits_eval import KNN_K, knn_metrics
 from diffsamplers.apps.images import save_grid
 from diffsamplers.apps.recipes import parse_guidance
 from diffsamplers.apps.registry import ModelBundle, load_model
 from diffsamplers.apps.samplers import make_sampler
-from diffsamplers.apps.tables import write_json
+from diffsamplers.apps.tables import versions, write_json
 from diffsamplers.data.digits import load_digits_dataset, to_uint8
 from diffsamplers.metrics.fd_digits import fd_digits
 from diffsamplers.models.minority_classifier import default_minority_dir, load_minority_classifier
@@ -127,8 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                        "num_draws": info.num_draws, "distance": info.distance},
         "held_out": {"w": "held-out digits", **measure(bundle, to_uint8(test), test_labels, real, ctx)},
         "knn_k": dict(KNN_K),
-        "versions": {"diffsamplers": diffsamplers.__version__, "diffusers": diffusers.__version__,
-                     "torch": torch.__version__, "python": platform.python_version()},
+        "versions": versions(),
         "threads": torch.get_num_threads(),
         "rows": [],
     }  # fmt: skip

@@ -20,22 +20,18 @@ shows the first ``--grid-samples`` digits unguided and at the largest w, from th
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import time
 from pathlib import Path
 from typing import Any
 
-import diffusers
 import torch
 
-import diffsamplers
 from diffsamplers.apps.digits_eval import KNN_K, knn_metrics
 from diffsamplers.apps.images import save_grids_side_by_side
 from diffsamplers.apps.recipes import parse_guidance
 from diffsamplers.apps.registry import load_model
 from diffsamplers.apps.samplers import make_sampler
-from diffsamplers.apps.tables import write_json
+from diffsamplers.apps.tables import resumed_report, versions, write_json
 from diffsamplers.data.digits import load_digits_dataset, to_uint8
 from diffsamplers.metrics.fd_digits import fd_digits
 from diffsamplers.tuning.minority import minority_score
@@ -109,11 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         "seed": args.seed,
         "features": args.features,
     }
-    report: dict[str, Any] = {"settings": settings, "rows": []}
-    if args.json.exists():
-        old = json.loads(args.json.read_text())
-        if old.get("settings") == settings:
-            report = old
+    report = resumed_report(args.json, settings)
     bundle = load_model("digits")
     extractor = bundle.features()
     train, _ = load_digits_dataset("train")
@@ -141,12 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             "to normalised time 0.6, 5 draws, x̂0 clipped to [-1, 1], on the uint8 samples",
             knn_metrics="64-d features of the bundled digits classifier vs the 1,438 training digits",
             knn_k=dict(KNN_K),
-            versions={
-                "diffsamplers": diffsamplers.__version__,
-                "diffusers": diffusers.__version__,
-                "torch": torch.__version__,
-                "python": platform.python_version(),
-            },
+            versions=versions(),
             threads=torch.get_num_threads(),
         )
         report["rows"].sort(key=lambda r: r["w"])

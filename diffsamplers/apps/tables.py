@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["markdown_table", "write_json"]
+__all__ = ["markdown_table", "resumed_report", "versions", "write_json"]
 
 
 def markdown_table(
@@ -34,3 +34,31 @@ def write_json(report: Mapping[str, Any], path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n")
     return path
+
+
+def versions() -> dict[str, str]:
+    """The versions a report records: diffsamplers, diffusers, torch and Python."""
+    import platform
+
+    import diffusers
+    import torch
+
+    from .. import __version__
+
+    return {
+        "diffsamplers": __version__,
+        "diffusers": diffusers.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def resumed_report(path: str | Path, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The report at ``path`` if an earlier run with the same ``settings`` wrote it (an interrupted sweep resumes
+    from its rows), else a new report ``{"settings": …, "rows": []}``."""
+    path = Path(path)
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old.get("settings") == dict(settings):
+            return old
+    return {"settings": dict(settings), "rows": []}
