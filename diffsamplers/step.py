@@ -309,7 +309,10 @@ class SamplingRun:
 
     def reindex(self, index: torch.Tensor) -> None:
         """Keep the samples ``index`` (e.g. resampled particles' ancestors), as many as before: the solver state
-        and the per-sample conditions are gathered with the same indices; the caller gathers x."""
+        and the per-sample conditions are gathered with the same indices; the caller gathers x.
+
+        The random streams are not gathered, on purpose: row i keeps drawing from its own stream, so a particle that
+        duplicates an ancestor does not replay the ancestor's future noise."""
         batch = len(self.rows)
         if index.ndim != 1 or index.numel() != batch:
             raise ValueError(f"reindex keeps the batch size {batch}: got an index of shape {tuple(index.shape)}")

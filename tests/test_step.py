@@ -276,6 +276,17 @@ def test_reindex_gathers_state_and_conditions_with_the_samples(solver, at):
     assert not torch.equal(out, plain)
 
 
+def test_a_duplicated_particle_keeps_its_own_random_stream():
+    """After resampling, particles 0 and 1 share an ancestor and its state, but each keeps drawing from its own row's
+    stream: a duplicate never replays its ancestor's future noise (streams are not re-indexed, on purpose)."""
+    index = torch.tensor([0, 0, 2, 3])
+    seeds, uncond = list(range(N)), {"class_labels": torch.tensor([10, 11, 12, 13])}
+    out = _run(DPMSolverPlusPlus(2, sde=True), seeds=seeds, uncond=uncond, guidance=_resampling(2, index))
+    again = _run(DPMSolverPlusPlus(2, sde=True), seeds=seeds, uncond=uncond, guidance=_resampling(2, index))
+    assert torch.equal(out, again)  # deterministic with seeds
+    assert (out[0] - out[1]).abs().max() > 1e-3  # same state after step 2, different noise after it
+
+
 def test_reindex_of_nested_and_shared_conditions():
     solver = UniPC(2)
     plan = solver.plan(PROCESS, uniform_logsnr(PROCESS, 4))
