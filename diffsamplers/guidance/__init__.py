@@ -9,12 +9,15 @@ streams (:meth:`StepContext.noise`), so a sample's result does not depend on its
 Members: :class:`ClassifierFree` (the simplest: it sets the scale of the batched conditional/unconditional call);
 :class:`SelfGuidedMinority` (Um & Ye 2024: ascent on the model's own reconstruction loss, a gradient guidance);
 :class:`CADS` (Sadat et al. 2024: the condition's embedding annealed from noise to clean, a ``condition`` hook);
-:class:`MinorityGuidance` (Um, Lee & Ye 2024: a minority classifier's gradient added to x̂0, a ``guide_x0`` hook).
+:class:`MinorityGuidance` (Um, Lee & Ye 2024: a minority classifier's gradient added to x̂0, a ``guide_x0`` hook);
+:class:`FKSteering` (Singhal et al. 2025: particles resampled by reward potentials towards p(x)·exp(λ r(x)), a
+``transition`` hook).
 """
 
 from ..step import Conditions, Guidance, Move, StepContext
 from .cads import CADS
 from .classifier_free import ClassifierFree
+from .fk_steering import FKSteering
 from .minority import MinorityGuidance
 from .self_minority import SelfGuidedMinority
 
@@ -22,6 +25,7 @@ __all__ = [
     "CADS",
     "ClassifierFree",
     "Conditions",
+    "FKSteering",
     "Guidance",
     "MinorityGuidance",
     "Move",
