@@ -27,7 +27,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "diffsamplers"
 
 #: The first component of a module's name below ``diffsamplers`` → its layer's rank.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("core primitives", ("noise", "prediction", "rng", "artifacts", "diagnostics", "data")),
+    ("core primitives", ("noise", "prediction", "rng", "artifacts", "diagnostics", "data", "distances")),
     ("denoiser", ("denoiser",)),
     ("bundled models", ("models",)),
     ("schedules", ("schedules",)),

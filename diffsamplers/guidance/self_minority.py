@@ -58,76 +58,33 @@ reads the device once per run, at its first guided step.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import weakref
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..denoiser import slice_cond
+from ..distances import Distance, l1_distance, l2_distance, lpips_distance
 from ..solvers.base import SolverPlan
 from ..step import Guidance, StepContext, normalised_time
 
-__all__ = ["DISTANCES", "SelfGuidedMinority", "lpips_distance", "reconstruction_distance"]
+__all__ = ["DISTANCES", "SelfGuidedMinority", "reconstruction_distance"]
 
 #: Named distances d(x̂0, x̂0') per sample; any callable ``d(a, b) -> (B,)`` works too.
 DISTANCES = ("l2", "l1", "lpips")
-
-Distance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def reconstruction_distance(name: str) -> Distance:
     """The per-sample distance named ``name``: ``l2`` / ``l1`` — the ℓp norm of the difference over all but the batch
     dimension (the official ``norm_for_mg``), ``lpips`` — :func:`lpips_distance`."""
     if name == "l2":
-        return lambda a, b: (a - b).flatten(1).norm(p=2, dim=1)
+        return l2_distance
     if name == "l1":
-        return lambda a, b: (a - b).flatten(1).norm(p=1, dim=1)
+        return l1_distance
     if name == "lpips":
-        return lpips_distance()
+        return lpips_distance("alex")  # the paper's default d
     raise ValueError(f"self-guided minority: unknown distance {name!r}: expected one of {', '.join(DISTANCES)}")
-
-
-#: torchvision's backbone checkpoints LPIPS loads, by ``net``.
-_LPIPS_BACKBONES = {
-    "alex": "alexnet-owt-7be5be79.pth",
-    "vgg": "vgg16-397923af.pth",
-    "squeeze": "squeezenet1_1-b8a52dc0.pth",
-}
-
-
-def lpips_distance(net: str = "alex") -> Distance:
-    """LPIPS (Zhang et al. 2018, the paper's default d with ``net="alex"``) from the ``lpips`` package, only where the
-    package, its linear heads and torchvision's backbone are already on disk (nothing is downloaded): otherwise a
-    ``ValueError`` naming what is missing. Differentiable (the guidance needs its gradient); inputs in [−1, 1],
-    one-channel samples repeated to three channels (not the official code's 2x − 1 remap of [0, 1] data)."""
-    if net not in _LPIPS_BACKBONES:
-        raise ValueError(f"self-guided minority: LPIPS net must be one of {sorted(_LPIPS_BACKBONES)}, got {net!r}")
-    spec = importlib.util.find_spec("lpips")
-    backbone = Path(torch.hub.get_dir()) / "checkpoints" / _LPIPS_BACKBONES[net]
-    needed = [backbone]
-    if spec is not None and spec.origin is not None:
-        needed.append(Path(spec.origin).parent / "weights" / "v0.1" / f"{net}.pth")
-    missing = ([] if spec is not None else ["the lpips package"]) + [str(p) for p in needed if not p.is_file()]
-    if missing:
-        raise ValueError(
-            f"self-guided minority: distance 'lpips' needs LPIPS-{net} on disk (nothing is downloaded); missing: "
-            f"{', '.join(missing)}; use distance=l2 (the default) or pass a callable d(a, b) -> per-sample tensor"
-        )
-    import lpips  # type: ignore[import-not-found]
-
-    model = lpips.LPIPS(net=net, verbose=False).eval().requires_grad_(False)
-
-    def distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        if a.shape[1] == 1:
-            a, b = a.expand(-1, 3, *a.shape[2:]), b.expand(-1, 3, *b.shape[2:])
-        return model.to(a.device)(a, b).flatten()
-
-    distance.__name__ = f"lpips({net})"
-    return distance
 
 
 def _rows(value: Any, rows: slice, batch: int) -> Any:

@@ -26,13 +26,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 
 from ..data.digits import to_uint8
 from ..denoiser import Denoiser, cond_batch_size, slice_cond
+from ..distances import Distance, l2_distance, lpips_distance
 
 __all__ = [
     "DISTANCES",
@@ -46,15 +46,8 @@ __all__ = [
     "resolve_distance",
 ]
 
-Distance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 #: The paper's perturbation level: respaced index 60 of 100 ≈ original step 605 of 1000, as a normalised time.
 DEFAULT_TIME = 0.6
-
-
-def l2_distance(x0: torch.Tensor, x0_hat: torch.Tensor) -> torch.Tensor:
-    """‖x0 − x̂0‖₂ per sample (over all elements), in float32 or wider."""
-    diff = (x0 - x0_hat).flatten(1)
-    return torch.linalg.vector_norm(diff.to(torch.promote_types(diff.dtype, torch.float32)), dim=1)
 
 
 def feature_distance(extractor: Callable[[torch.Tensor], torch.Tensor]) -> Distance:
@@ -70,41 +63,6 @@ def feature_distance(extractor: Callable[[torch.Tensor], torch.Tensor]) -> Dista
     return distance
 
 
-def _lpips_requirements() -> list[Path]:
-    """The files LPIPS-VGG needs: the package's linear-layer weights and torchvision's VGG16 backbone."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("lpips")
-    hub = Path(torch.hub.get_dir()) / "checkpoints" / "vgg16-397923af.pth"
-    if spec is None or spec.origin is None:
-        return [Path("<the lpips package (pip install lpips)>"), hub]
-    return [Path(spec.origin).parent / "weights" / "v0.1" / "vgg.pth", hub]
-
-
-def lpips_distance(device: str | torch.device | None = None) -> Distance:
-    """LPIPS with a VGG backbone (the paper's d), from weights already on disk; ``FileNotFoundError`` naming
-    every missing file otherwise (this package never downloads). One-channel images are repeated to three."""
-    missing = [p for p in _lpips_requirements() if not p.is_file()]
-    if missing:
-        raise FileNotFoundError(
-            "the LPIPS distance needs the lpips package's VGG weights and torchvision's VGG16 weights on disk; "
-            f"missing: {', '.join(str(p) for p in missing)} (nothing is downloaded: use distance='features' or 'l2')"
-        )
-    import lpips  # type: ignore[import-not-found]
-
-    net = lpips.LPIPS(net="vgg", pretrained=True, verbose=False).eval()
-    if device is not None:
-        net = net.to(device)
-
-    @torch.no_grad()
-    def distance(x0: torch.Tensor, x0_hat: torch.Tensor) -> torch.Tensor:
-        a, b = (x if x.shape[1] == 3 else x.expand(-1, 3, -1, -1) for x in (x0.float(), x0_hat.float()))
-        return net(a, b, normalize=False).flatten()
-
-    distance.__name__ = "lpips(vgg)"
-    return distance
-
-
 def _digits_features_distance() -> Distance:
     from ..metrics.fd_digits import digits_features
 
@@ -115,7 +73,7 @@ def _digits_features_distance() -> Distance:
 DISTANCES: dict[str, Callable[[], Distance]] = {
     "l2": lambda: l2_distance,
     "features": _digits_features_distance,
-    "lpips": lpips_distance,
+    "lpips": lambda: lpips_distance("vgg"),  # the paper's d
 }
 
 
