@@ -18,6 +18,7 @@ from .solvers import (
     DPMSolverPlusPlusSinglestep,
     DynamicThresholding,
     Euler,
+    EulerMaruyama,
     ExposureBiasTimeShift,
     UniPC,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "DiscreteVP",
     "DynamicThresholding",
     "Euler",
+    "EulerMaruyama",
     "ExposureBiasTimeShift",
     "Guidance",
     "NoiseProcess",

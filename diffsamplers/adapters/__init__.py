@@ -5,6 +5,7 @@ from .dc_solver_scheduler import DCSolverScheduler
 from .digits_pipeline import DigitsPipeline
 from .dpm_solver_pp_scheduler import DPMSolverPlusPlusScheduler
 from .exposure_bias_time_shift import TimeShiftHandle, attach_exposure_bias_time_shift, time_shift_settings
+from .particle_callback import ParticleResampling
 from .scheduler_base import SolverScheduler
 
 __all__ = [
@@ -12,6 +13,7 @@ __all__ = [
     "DCSolverScheduler",
     "DigitsPipeline",
     "DPMSolverPlusPlusScheduler",
+    "ParticleResampling",
     "SolverScheduler",
     "TimeShiftHandle",
     "attach_exposure_bias_time_shift",

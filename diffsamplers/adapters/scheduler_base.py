@@ -301,6 +301,30 @@ class SolverScheduler(SchedulerMixin):
         """VP and flow models take the sample unscaled."""
         return sample
 
+    def reindex(self, index: torch.Tensor) -> None:
+        """Keep the samples ``index`` of the batch (e.g. resampled particles' ancestors; sample i continues from
+        sample ``index[i]``), as many as before: the solver state of the run under way is gathered along the batch —
+        the multistep history of x̂0, the anchor of UniC's correction, the per-sample shifted points of the
+        exposure-bias time shift (:meth:`SolverState.index_select`) — and so is the NaN/Inf check's per-sample
+        record. The caller gathers the sample (and the pipeline's conditions). Before the first step there is nothing
+        to gather. An index outside the batch fails in ``torch.index_select`` (nothing is read back here).
+
+        Used by :class:`~diffsamplers.adapters.particle_callback.ParticleResampling`; diffusers' own schedulers
+        keep per-sample lists and have no such method.
+        """
+        if not isinstance(index, torch.Tensor) or index.ndim != 1 or index.dtype not in (torch.int32, torch.int64):
+            got = f"shape {tuple(index.shape)}, dtype {index.dtype}" if isinstance(index, torch.Tensor) else index
+            raise ValueError(f"reindex needs a 1-D integer tensor of sample indices, got {got}")
+        state = self.state
+        rows = [t for t in (*state.history, state.anchor) if t is not None]
+        if rows and rows[0].shape[0] != index.numel():
+            raise ValueError(
+                f"reindex keeps the batch size {rows[0].shape[0]}: got an index of {index.numel()} samples"
+            )
+        self.state = state.index_select(index.to(rows[0].device) if rows else index)
+        if self._finite is not None:
+            self._finite.sums = self._finite.sums.index_select(1, index.to(self._finite.sums.device))
+
     def _run(self) -> SamplingRun:
         """The scheduler's solver, plan and state as a run of the one step function (the model is called outside)."""
         assert self.plan is not None

@@ -134,11 +134,18 @@ def _grid_rows(count: int) -> int:
 def _sample(args: argparse.Namespace) -> int:
     from .images import save_grid, save_grids_side_by_side
     from .registry import load_model
-    from .samplers import make_sampler
+    from .samplers import make_sampler, particle_group_size
 
     bundle = load_model(args.model, args.device)
     classes = _sample_classes(bundle, args.classes)
     guidance, hooks = _sample_guidance(bundle, args.guidance)
+    group = particle_group_size(hooks)
+    if args.per_class % group:
+        raise ValueError(
+            f"--per-class {args.per_class} is not a multiple of the {group} particles per group of --guidance "
+            f"{args.guidance!r}: a group's particles are consecutive samples of one class; use --per-class "
+            f"{-(-args.per_class // group) * group}"
+        )
     labels = None if classes is None else [c for c in classes for _ in range(args.per_class)]
     count = args.per_class if labels is None else len(labels)
     rows = _grid_rows(count) if classes is None else len(classes)
@@ -293,7 +300,14 @@ def _add_sample(sub: Any) -> None:
         classes_help="comma-separated class labels, one row each (default: all classes)",
         guidance_specs=True,
     )
-    p.add_argument("--per-class", type=integer(), default=8, help="samples per class (unconditional model: in all)")
+    p.add_argument(
+        "--per-class",
+        type=integer(),
+        default=8,
+        help="samples per class (unconditional model: in all); with a particle guidance (fk-steering, fkc: K "
+        "particles per group, which needs a stochastic solver such as sde-dpm++2m, ddim-eta1 or euler-maruyama) a "
+        "multiple of K: each row then holds per-class/K groups of K resampled particles",
+    )
     p.add_argument(
         "--compare-unguided",
         action="store_true",

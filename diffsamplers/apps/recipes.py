@@ -18,7 +18,15 @@ Schedule specs — ``NAME[:OPTIONS][/FINAL]``: diffusers' ``linspace``, ``leadin
 ``FINAL`` names the last level: ``zero``, ``sigma_min``, ``append_zero`` (and AYS's ``replace``, ``append``).
 
 Guidance specs — ``TERM[+TERM…]``, composed in order: a number is the classifier-free guidance scale (``7.5``);
-``NAME[:k=v,…]`` a registered guidance (:data:`GUIDANCES`) with its options, built for the model it guides.
+``NAME[:k=v,…]`` a registered guidance (:data:`GUIDANCES`) with its options, built for the model it guides. A term's
+name ends at its first colon and each option's name at its first ``=``, so an option's value may hold colons and
+dots: ``fk-steering:k=8,lam=10,potential=max,reward=digits-class:3`` (FK steering), ``fkc:k=8,anneal=2``
+(Feynman–Kac correctors; or ``cfg=S``, ``classes=3-5``), ``svdd:m=8,reward=pixel-mass,alpha=0`` (SVDD). The particle
+methods (fk-steering, fkc) need a stochastic solver and a number of samples that is a multiple of K.
+
+Reward specs (the ``reward=`` of fk-steering and svdd; :func:`parse_reward`): ``digits-class:C`` (the bundled digits
+classifier's probability of class C), ``pixel-mass[:-1]`` (mean intensity in [0, 1], or mean darkness) — the
+shipped :data:`REWARDS` — or ``package.module:function`` for any callable ``(B, *shape) → (B,)``.
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ from ..solvers.ddim import DDIM
 from ..solvers.dpm_solver_pp import DPMSolverPlusPlus
 from ..solvers.dpm_solver_pp_singlestep import DPMSolverPlusPlusSinglestep
 from ..solvers.euler import Euler
+from ..solvers.euler_maruyama import EulerMaruyama
 from ..solvers.exposure_bias_time_shift import ExposureBiasTimeShift
 from ..solvers.unipc import UniPC
 from ..step import Guidance
@@ -54,19 +63,23 @@ __all__ = [
     "GUIDANCES",
     "GuidanceRecipe",
     "OutsideFitError",
+    "REWARDS",
     "SCHEDULES",
     "SOLVERS",
     "ScheduleRecipe",
     "SolverRecipe",
     "describe_guidances",
+    "describe_rewards",
     "describe_schedules",
     "describe_solvers",
     "flow_schedule",
     "make_solver",
     "parse_guidance",
+    "parse_reward",
     "parse_schedule",
     "parse_solver",
     "register_guidance",
+    "register_reward",
     "register_solver",
 ]
 
@@ -75,6 +88,7 @@ SOLVERS: dict[str, Callable[..., Solver]] = {
     "ddim": DDIM,
     "ddim-eta1": lambda **kw: DDIM(**{"eta": 1.0, **kw}),
     "euler": Euler,
+    "euler-maruyama": EulerMaruyama,
     "dpm++1": lambda **kw: DPMSolverPlusPlus(1, **kw),
     "dpm++2m": lambda **kw: DPMSolverPlusPlus(2, **kw),
     "dpm++3m": lambda **kw: DPMSolverPlusPlus(3, **kw),
@@ -578,3 +592,262 @@ def _cads(
 
 
 register_guidance("cads", _cads)
+
+
+# -- rewards ----------------------------------------------------------------------------------------
+
+#: A reward: per-sample scores of clean samples, ``(B, *shape) -> (B,)``.
+Reward = Callable[[Any], Any]
+#: Shipped rewards: name → factory ``(argument, bundle) -> reward``, ``argument`` the text after the name's colon
+#: (``None`` without one) and ``bundle`` the model the reward scores samples of (``None``: no model at hand).
+REWARDS: dict[str, Callable[[str | None, Any], Reward]] = {}
+_REWARD_USAGE: dict[str, str] = {}
+_REWARD_IMPORT = "package.module:function"
+
+
+def register_reward(name: str, factory: Callable[[str | None, Any], Reward], usage: str | None = None) -> None:
+    """Make the reward spec ``name[:ARGUMENT]`` build ``factory(argument, bundle)``; ``usage`` is how help texts
+    and errors write it (default ``name``)."""
+    REWARDS[name] = factory
+    _REWARD_USAGE[name] = usage or name
+
+
+def describe_rewards() -> str:
+    """The reward specs, for help texts and errors."""
+    return ", ".join([*(_REWARD_USAGE[n] for n in REWARDS), f"{_REWARD_IMPORT} (any callable (B, …) → (B,))"])
+
+
+def parse_reward(spec: str, bundle: Any = None) -> Reward:
+    """The reward a spec names, for samples of ``bundle`` (a :class:`~diffsamplers.apps.registry.ModelBundle`, or
+    ``None``): a shipped one (:data:`REWARDS`: ``digits-class:C``, ``pixel-mass[:-1]``; see
+    :mod:`diffsamplers.guidance.rewards`) or ``package.module:function``, any callable ``(B, *shape) → (B,)``
+    imported with :mod:`importlib`. The name ends at the first colon. ``ValueError`` names the spec and lists the
+    rewards it knows."""
+    text = str(spec).strip()
+    name, colon, arg = text.partition(":")
+    if name in REWARDS:
+        return REWARDS[name](arg if colon else None, bundle)
+    if colon and arg and all(part.isidentifier() for part in name.split(".")):
+        return _import_reward(text, name, arg)
+    raise ValueError(f"unknown reward {text!r}: expected {describe_rewards()}")
+
+
+def _import_reward(spec: str, module_name: str, attribute: str) -> Reward:
+    """``module:attribute`` (dotted attributes allowed) imported and checked to be callable."""
+    import importlib
+
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name is not None and (module_name == err.name or module_name.startswith(f"{err.name}.")):
+            raise ValueError(
+                f"reward {spec!r}: no module {module_name!r} to import (expected {describe_rewards()})"
+            ) from None
+        raise ValueError(f"reward {spec!r}: importing {module_name!r} failed: {err}") from None
+    except Exception as err:  # the module exists but fails on import: say so, in one line
+        raise ValueError(f"reward {spec!r}: importing {module_name!r} failed ({type(err).__name__}: {err})") from None
+    for part in attribute.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"reward {spec!r}: module {module_name!r} has no attribute {attribute!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ValueError(
+            f"reward {spec!r}: {module_name}.{attribute} is a {type(obj).__name__}, not a callable (B, …) → (B,)"
+        )
+    return obj
+
+
+def _digits_class_reward(arg: str | None, bundle: Any) -> Reward:
+    """``digits-class:C`` — the bundled digits classifier's probability of class C
+    (:class:`~diffsamplers.guidance.rewards.DigitsClassProbability`), for a model of 1×16×16 images in [−1, 1]."""
+    from ..guidance.rewards import DIGITS_SHAPE, DigitsClassProbability
+
+    spec = "digits-class" if arg is None else f"digits-class:{arg}"
+    text = (arg or "").strip()
+    if not text.isdigit():
+        raise ValueError(f"reward {spec!r}: name the digit whose probability it is, e.g. digits-class:3, got {text!r}")
+    shape = getattr(bundle, "sample_shape", None)
+    if shape is not None and tuple(shape) != DIGITS_SHAPE:
+        raise ValueError(
+            f"reward {spec!r} scores 1×16×16 digits images in [-1, 1]: model {getattr(bundle, 'name', '?')!r} makes "
+            f"samples of shape {tuple(shape)}"
+        )
+    return DigitsClassProbability(int(text), device=getattr(bundle, "device", None))
+
+
+def _pixel_mass_reward(arg: str | None, bundle: Any) -> Reward:
+    """``pixel-mass[:-1]`` — the mean intensity of a sample in [−1, 1] mapped to [0, 1]; ``:-1`` its mean darkness
+    (1 − the intensity: −intensity up to a constant, which the reward methods do not see)
+    (:class:`~diffsamplers.guidance.rewards.PixelMass`)."""
+    from ..guidance.rewards import PixelMass
+
+    text = (arg or "1").strip()
+    if text not in ("1", "+1", "-1"):
+        raise ValueError(f"reward 'pixel-mass:{arg}': the sign is 1 (bright) or -1 (dark), got {text!r}")
+    return PixelMass(-1 if text == "-1" else 1)
+
+
+register_reward("digits-class", _digits_class_reward, "digits-class:C")
+register_reward("pixel-mass", _pixel_mass_reward, "pixel-mass[:-1]")
+
+
+# -- reward and particle guidances --------------------------------------------------------------------
+
+
+def _count(method: str, option: str, value: Any, meaning: str) -> int:
+    """A required count option (``k``, ``m``) as an integer ≥ 1; ``ValueError`` naming the option and the value."""
+    if value is None:
+        raise ValueError(f"{method} needs {option}={option.upper()}, {meaning}")
+    if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value or value < 1:
+        raise ValueError(f"{method}: {option} ({meaning}) must be an integer ≥ 1, got {value!r}")
+    return int(value)
+
+
+def _real(method: str, option: str, value: Any) -> float:
+    """A numeric option as a float; ``ValueError`` naming the option and the value otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{method}: {option} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _reward_option(method: str, reward: Any, bundle: Any) -> Reward:
+    if reward is None:
+        raise ValueError(f"{method} needs reward=SPEC: {describe_rewards()}")
+    return parse_reward(str(reward), bundle)
+
+
+def _particle_options(method: str, interval: Any, start: Any, ess: Any, scheme: Any) -> dict[str, Any]:
+    """The shared particle-schedule options that the spec gives (the class's defaults otherwise), checked."""
+    options: dict[str, Any] = {}
+    if interval is not None:
+        options["interval"] = _count(method, "interval", interval, "the evaluations between weighting steps")
+    if start is not None:
+        options["start"] = _real(method, "start", start)
+    if ess is not None:
+        options["ess_threshold"] = _real(method, "ess", ess)
+    if scheme is not None:
+        options["scheme"] = str(scheme)
+    return options
+
+
+def _fk_steering(
+    bundle: Any,
+    *,
+    k: int | None = None,
+    reward: str | None = None,
+    lam: float = 10.0,
+    potential: str = "difference",
+    interval: int | None = None,
+    start: float | None = None,
+    ess: float | None = None,
+    scheme: str | None = None,
+) -> Guidance:
+    """``fk-steering:k=K,reward=SPEC[,lam=10][,potential=difference|max|sum][,interval=N][,start=T][,ess=E]
+    [,scheme=S]`` — FK steering (Singhal et al. 2025; :class:`~diffsamplers.guidance.fk_steering.FKSteering`) of K
+    particles per group towards p(x0)·exp(λ r(x0)), r the reward spec (:func:`parse_reward`); ``ess`` is the ESS
+    threshold (resample where ESS < ess·K; default: always), ``start`` the normalised time weighting starts at. The
+    particles of a group are consecutive rows: the number of samples must be a multiple of K, and the sampler
+    stochastic (sde-dpm++2m, ddim-eta1, euler-maruyama)."""
+    from ..guidance.fk_steering import POTENTIALS, FKSteering
+
+    k = _count("fk-steering", "k", k, "the particles per group")
+    if potential not in POTENTIALS:
+        raise ValueError(f"fk-steering: unknown potential {potential!r}: expected one of {', '.join(POTENTIALS)}")
+    lam = _real("fk-steering", "lam", lam)
+    options = _particle_options("fk-steering", interval, start, ess, scheme)
+    return FKSteering(_reward_option("fk-steering", reward, bundle), k, lam, potential, **options)
+
+
+register_guidance("fk-steering", _fk_steering)
+
+
+def _class_product(bundle: Any, classes: Any) -> list[dict[str, Any]]:
+    """``classes=C1-C2[-…]`` as one condition per class (the experts of a product), checked against the model."""
+    import torch
+
+    parts = str(classes).split("-")
+    if len(parts) < 2 or not all(p.strip().isdigit() for p in parts):
+        raise ValueError(
+            f"fkc: classes= names the product's classes, two or more separated by '-' (e.g. 3-5), got {classes!r}"
+        )
+    labels = bundle.check_classes([int(p) for p in parts], "fkc: classes")
+    return [{bundle.cond_key: torch.tensor([c], dtype=torch.long, device=bundle.device)} for c in labels]
+
+
+def _fkc(
+    bundle: Any,
+    *,
+    k: int | None = None,
+    anneal: float | None = None,
+    cfg: float | None = None,
+    classes: str | None = None,
+    interval: int | None = None,
+    start: float | None = None,
+    ess: float | None = None,
+    scheme: str | None = None,
+    clamp: float | None = None,
+) -> Guidance:
+    """``fkc:k=K,anneal=β|cfg=S|classes=C1-C2[,interval=N][,start=T][,ess=E][,scheme=S][,clamp=C]`` — Feynman–Kac
+    correctors (Skreta et al. 2025; :class:`~diffsamplers.guidance.fk_correctors.FeynmanKacCorrector`) with K particles
+    per group, for exactly one target: ``anneal=β`` the annealed p^β (:meth:`FeynmanKacCorrector.annealing`),
+    ``cfg=S`` classifier-free guidance as the geometric mixture p(x)^(1−S) p(x|c)^S
+    (:meth:`FeynmanKacCorrector.classifier_free`) or ``classes=C1-C2[-…]`` the product of the class conditionals
+    (:meth:`FeynmanKacCorrector.product`). As for fk-steering the number of samples must be a multiple of K and the
+    sampler stochastic. ``clamp=C`` centres and clamps each step's log-weight increments to [−C, C] (the official
+    code's heuristic; it biases the target)."""
+    given = [name for name, v in (("anneal", anneal), ("cfg", cfg), ("classes", classes)) if v is not None]
+    if len(given) != 1:
+        got = ", ".join(given) if given else "none"
+        raise ValueError(f"fkc takes exactly one target: anneal=β, cfg=S or classes=C1-C2, got {got}")
+    k = _count("fkc", "k", k, "the particles per group")
+    options = _particle_options("fkc", interval, start, ess, scheme)
+    if clamp is not None:
+        options["clamp"] = _real("fkc", "clamp", clamp)
+    if (cfg is not None or classes is not None) and not getattr(bundle, "num_classes", 0):
+        raise ValueError(f"fkc: {given[0]}= needs a class-conditional model; {getattr(bundle, 'name', '?')!r} is not")
+    from ..guidance.fk_correctors import FeynmanKacCorrector  # lazy: the module is optional to this parser
+
+    if anneal is not None:
+        return FeynmanKacCorrector.annealing(_real("fkc", "anneal", anneal), k, **options)
+    if cfg is not None:
+        return FeynmanKacCorrector.classifier_free(_real("fkc", "cfg", cfg), k, **options)
+    return FeynmanKacCorrector.product(_class_product(bundle, classes), k, **options)
+
+
+register_guidance("fkc", _fkc)
+
+#: SVDD's value estimators: ``pm`` the reward of the posterior mean x̂0, ``mc`` a learned value.
+_SVDD_VALUES = ("pm", "mc")
+
+
+def _svdd(
+    bundle: Any,
+    *,
+    m: int | None = None,
+    reward: str | None = None,
+    alpha: float = 0.0,
+    value: str = "pm",
+    rollouts: int | None = None,
+    rollout_steps: int | None = None,
+) -> Guidance:
+    """``svdd:m=M,reward=SPEC[,alpha=0][,value=pm|mc][,rollouts=R][,rollout_steps=S]`` — soft value-based decoding
+    (Li et al. 2024; :class:`~diffsamplers.guidance.svdd.SVDD`): M candidates of each step per sample, one kept by the
+    soft value of the reward spec (:func:`parse_reward`), estimated by the reward of the posterior mean (``pm``) or by
+    R Monte-Carlo rollouts of S steps (``mc``); α = 0 keeps the best (the papers' argmax). Needs a stochastic
+    sampler; no constraint on the number of samples (the candidates are drawn within each sample)."""
+    m = _count("svdd", "m", m, "the candidates per step")
+    if value not in _SVDD_VALUES:
+        raise ValueError(f"svdd: unknown value estimator {value!r}: expected one of {', '.join(_SVDD_VALUES)}")
+    alpha = _real("svdd", "alpha", alpha)
+    options: dict[str, Any] = {}
+    if rollouts is not None:
+        options["rollouts"] = _count("svdd", "rollouts", rollouts, "the rollouts per candidate of value=mc")
+    if rollout_steps is not None:
+        options["rollout_steps"] = _count("svdd", "rollout_steps", rollout_steps, "the steps of a rollout")
+    reward_fn = _reward_option("svdd", reward, bundle)
+    from ..guidance.svdd import SVDD  # lazy: the module is optional to this parser
+
+    return SVDD(reward_fn, num_candidates=m, alpha=alpha, value=value, **options)
+
+
+register_guidance("svdd", _svdd)

@@ -10,6 +10,7 @@ per-index generators.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -23,11 +24,20 @@ from ..step import Guidance
 from .recipes import SolverRecipe, parse_schedule, parse_solver
 from .registry import ModelBundle
 
-__all__ = ["Sampler", "make_sampler", "diffusers_scheduler", "run_diffusers_scheduler"]
+__all__ = ["Sampler", "make_sampler", "diffusers_scheduler", "particle_group_size", "run_diffusers_scheduler"]
 
 #: indices → (uint8 images, labels or None)
 Sampler = Callable[[Sequence[int]], tuple[torch.Tensor, torch.Tensor | None]]
 Cond = Mapping[str, Any] | None
+
+
+def particle_group_size(guidance: Sequence[Guidance]) -> int:
+    """The rows that must stay together in a batch for ``guidance``: the least common multiple of the particles per
+    group of its particle methods (FK steering, FK correctors:
+    :class:`~diffsamplers.guidance.particles.ParticleGuidance`); 1 without one."""
+    from ..guidance.particles import ParticleGuidance
+
+    return math.lcm(1, *(g.num_particles for g in guidance if isinstance(g, ParticleGuidance)))
 
 
 def diffusers_scheduler(recipe: SolverRecipe, bundle: ModelBundle, schedule: str | None = None) -> Any:
@@ -91,8 +101,13 @@ def make_sampler(
     """A function from sample indices to (uint8 images, labels), deterministic per index; the labels cycle
     through ``classes`` (all classes by default) for a class-conditional model. ``schedule`` defaults to the
     model's (:attr:`ModelBundle.default_schedule`); diffusers' schedulers use their config's grid without one.
-    ``guidance``: hooks of the one step (:class:`~diffsamplers.step.Guidance`), our solvers only."""
+    ``guidance``: hooks of the one step (:class:`~diffsamplers.step.Guidance`), our solvers only; with a particle
+    method among them the chunks are ``batch_size`` rounded down to a multiple of its particles per group (at least
+    one group), so that no group is split; the caller gives whole groups of one class (:func:`particle_group_size`) —
+    without ``classes``, group g (samples g·K … g·K + K − 1) takes class g mod the number of classes."""
     recipe = parse_solver(solver)
+    group = particle_group_size(guidance)
+    batch_size = max(group, batch_size // group * group)
     device, process, shape = bundle.device, bundle.process, bundle.sample_shape
     if recipe.is_diffusers:
         if guidance:
@@ -128,7 +143,8 @@ def make_sampler(
 
     def sampler(indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
         indices = list(indices)
-        labels = bundle.labels_for(indices, classes)
+        # class-balanced by default: with particle groups, a group's K consecutive samples share one class
+        labels = bundle.labels_for(indices if classes is not None else [i // group for i in indices], classes)
         chunks = []
         for start in range(0, len(indices), batch_size):
             part = indices[start : start + batch_size]

@@ -6,6 +6,7 @@ from .ddim import DDIM
 from .dpm_solver_pp import DPMSolverPlusPlus
 from .dpm_solver_pp_singlestep import DPMSolverPlusPlusSinglestep
 from .euler import Euler
+from .euler_maruyama import EulerMaruyama
 from .exposure_bias_time_shift import ExposureBiasTimeShift
 from .thresholding import DynamicThresholding
 from .unipc import UniPC
@@ -17,6 +18,7 @@ __all__ = [
     "DPMSolverPlusPlusSinglestep",
     "DynamicThresholding",
     "Euler",
+    "EulerMaruyama",
     "ExposureBiasTimeShift",
     "LinearStep",
     "Solver",

@@ -339,3 +339,60 @@ def test_bench_throughput_script_runs(tmp_path):
     row = json.loads(out.read_text())["rows"][0]
     assert row["ours_images_per_s"] > 0 and row["diffusers_images_per_s"] > 0
     assert 0.0 <= row["scheduler_share_ours"] < 1.0
+
+
+def test_sample_with_particle_and_candidate_guidance(capsys, tmp_path):
+    """``sample --guidance fk-steering:…`` end to end on the digits model (2 steps); the samples per class must be a
+    multiple of the particles per group (a group is one class), the solver stochastic; SVDD has no such groups."""
+    out = tmp_path / "fk.png"
+    fk = "fk-steering:k=2,reward=digits-class:3"
+    argv = ["sample", "--model", "digits", "--steps", "2", "--classes", "3,5", "--output", str(out)]
+    assert main([*argv, "--solver", "ddim-eta1", "--guidance", fk, "--per-class", "2"]) == 0
+    assert out.stat().st_size > 0
+    assert f"wrote {out}: 4 samples from digits with ddim-eta1" in capsys.readouterr().out
+    line = one_line_error([*argv, "--solver", "ddim-eta1", "--guidance", fk, "--per-class", "3"], capsys)
+    assert line == (
+        f"diffsamplers sample: error: --per-class 3 is not a multiple of the 2 particles per group of --guidance "
+        f"'{fk}': a group's particles are consecutive samples of one class; use --per-class 4"
+    )
+    line = one_line_error([*argv, "--solver", "ddim", "--guidance", fk, "--per-class", "2"], capsys)
+    assert "needs a stochastic sampler" in line and "ddim takes no random step" in line
+    svdd = "svdd:m=2,reward=pixel-mass:-1"
+    assert main([*argv, "--solver", "euler-maruyama", "--guidance", svdd, "--per-class", "3"]) == 0
+    assert "6 samples from digits with euler-maruyama" in capsys.readouterr().out
+
+
+def test_sampler_chunks_keep_particle_groups_whole():
+    """make_sampler's chunks are rounded down to whole groups: batch_size=3 with K = 2 runs chunks of 2, each with its
+    own per-sample streams, and gives what one batch gives."""
+    from diffsamplers.apps.registry import load_model
+    from diffsamplers.apps.samplers import make_sampler, particle_group_size
+    from diffsamplers.guidance import FKSteering
+    from diffsamplers.guidance.rewards import PixelMass
+
+    bundle = load_model("gmm-cond")
+    fk = FKSteering(PixelMass(), 2, 10.0)
+    assert particle_group_size([fk]) == 2 and particle_group_size([]) == 1
+    runs = [
+        make_sampler(bundle, "ddim-eta1", 3, guidance_scale=2.0, classes=[1, 1, 4, 4], batch_size=b, guidance=[fk])
+        for b in (3, 4)
+    ]
+    chunked, whole = (run(range(4)) for run in runs)
+    assert torch.equal(chunked[0], whole[0]) and torch.equal(chunked[1], torch.tensor([1, 1, 4, 4]))
+    assert [r.index for r in fk.history] == [0, 1, 2]  # the last call: one chunk of 4
+
+
+def test_class_balanced_labels_keep_a_group_in_one_class():
+    """Without explicit classes (eval, fid), group g of K consecutive samples takes class g mod 10: a group never
+    mixes classes; without a particle method the labels cycle per sample."""
+    from diffsamplers.apps.registry import load_model
+    from diffsamplers.apps.samplers import make_sampler
+    from diffsamplers.guidance import FKSteering
+    from diffsamplers.guidance.rewards import PixelMass
+
+    bundle = load_model("gmm-cond")
+    _, grouped = make_sampler(bundle, "ddim-eta1", 2, guidance=[FKSteering(PixelMass(), 2, 1.0)])(range(6))
+    _, plain = make_sampler(bundle, "ddim-eta1", 2)(range(6))
+    n = bundle.num_classes
+    assert grouped.tolist() == [(i // 2) % n for i in range(6)]
+    assert plain.tolist() == [i % n for i in range(6)]

@@ -177,3 +177,111 @@ def test_flow_spec_is_diffusers_dpm_solver_flow_grid(steps, shift):
 def test_diffusers_vp_spacings_on_a_flow_model_point_to_the_flow_grid():
     with pytest.raises(ValueError, match="'trailing' is diffusers' integer-timestep spacing .* use flow\\[:shift=S\\]"):
         parse_schedule("trailing").build(default_flow_process(), 5)
+
+
+# -- guidance specs of the reward and particle methods ----------------------------------------------------------
+
+
+def spec_reward(x):
+    """A reward for ``reward=package.module:function``: the first coordinate of each sample."""
+    return x.flatten(1)[:, 0]
+
+
+@pytest.fixture(scope="module")
+def gmm_cond():
+    from diffsamplers.apps.registry import load_model
+
+    return load_model("gmm-cond")
+
+
+def test_fk_steering_spec_splits_the_name_and_each_option_once(gmm_cond):
+    """The reward's own colon and dots stay in its value: the name ends at the first colon, an option at its first =."""
+    from diffsamplers.apps.recipes import parse_guidance
+    from diffsamplers.guidance import FKSteering
+    from diffsamplers.guidance.rewards import DigitsClassProbability
+
+    recipe = parse_guidance("2+fk-steering:k=8,lam=10,potential=max,reward=digits-class:3")
+    assert recipe.scale == 2.0
+    assert recipe.terms == (("fk-steering", {"k": 8, "lam": 10, "potential": "max", "reward": "digits-class:3"}),)
+    (fk,) = recipe.build(None)  # no model at hand: the classifier on the CPU
+    assert isinstance(fk, FKSteering) and isinstance(fk.reward, DigitsClassProbability)
+    assert (fk.num_particles, fk.lam, fk.potential, fk.reward.target) == (8, 10.0, "max", 3)
+    assert (fk.interval, fk.start, fk.ess_threshold, fk.scheme) == (1, 1.0, None, "systematic")  # the class's defaults
+    spec = f"fk-steering:k=2,reward={__name__}:spec_reward,interval=5,start=0.6,ess=0.5,scheme=multinomial"
+    (fk,) = parse_guidance(spec).build(gmm_cond)
+    assert fk.reward is spec_reward and fk.potential == "difference" and fk.lam == 10.0
+    assert (fk.interval, fk.start, fk.ess_threshold, fk.scheme) == (5, 0.6, 0.5, "multinomial")
+
+
+def test_fkc_specs_build_the_three_targets(gmm_cond):
+    from diffsamplers.apps.recipes import parse_guidance
+    from diffsamplers.guidance.fk_correctors import FeynmanKacCorrector
+
+    (anneal,) = parse_guidance("fkc:k=8,anneal=2").build(gmm_cond)
+    assert isinstance(anneal, FeynmanKacCorrector) and anneal.num_particles == 8
+    assert [(e.beta, e.cond) for e in anneal.experts] == [(2.0, "cond")]
+    (cfg,) = parse_guidance("fkc:k=4,cfg=3,interval=2,ess=0.5,clamp=1").build(gmm_cond)
+    assert [(e.beta, e.cond) for e in cfg.experts] == [(3.0, "cond"), (-2.0, "uncond")]
+    assert (cfg.num_particles, cfg.interval, cfg.ess_threshold, cfg.clamp) == (4, 2, 0.5, 1.0)
+    (product,) = parse_guidance("fkc:k=2,classes=3-5").build(gmm_cond)
+    assert [e.beta for e in product.experts] == [1.0, 1.0]
+    assert [e.cond[gmm_cond.cond_key].tolist() for e in product.experts] == [[3], [5]]
+
+
+def test_svdd_spec(gmm_cond):
+    from diffsamplers.apps.recipes import parse_guidance
+    from diffsamplers.guidance.rewards import PixelMass
+    from diffsamplers.guidance.svdd import SVDD
+
+    (svdd,) = parse_guidance("svdd:m=8,reward=pixel-mass:-1,alpha=0.5,value=mc,rollouts=2,rollout_steps=3").build(
+        gmm_cond
+    )
+    assert isinstance(svdd, SVDD) and isinstance(svdd.reward, PixelMass) and svdd.reward.sign == -1
+    assert (svdd.num_candidates, svdd.alpha, svdd.value, svdd.rollouts, svdd.rollout_steps) == (8, 0.5, "mc", 2, 3)
+    (svdd,) = parse_guidance("svdd:m=4,reward=pixel-mass").build(gmm_cond)
+    assert (svdd.alpha, svdd.value) == (0.0, "pm")
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("fk-steering:reward=pixel-mass", "fk-steering needs k=K, the particles per group"),
+        ("fk-steering:k=0,reward=pixel-mass", "fk-steering: k (the particles per group) must be an integer ≥ 1, got 0"),
+        ("fk-steering:k=2.5,reward=pixel-mass", "must be an integer ≥ 1, got 2.5"),
+        ("fk-steering:k=4", "fk-steering needs reward=SPEC: digits-class:C, pixel-mass[:-1], package.module:function"),
+        ("fk-steering:k=4,reward=clip", "unknown reward 'clip': expected digits-class:C"),
+        ("fk-steering:k=4,reward=pixel-mass,potential=rt", "fk-steering: unknown potential 'rt': expected one of"),
+        ("fk-steering:k=4,reward=pixel-mass,lam=hot", "fk-steering: lam must be a finite number, got 'hot'"),
+        ("fk-steering:k=4,reward=pixel-mass,lam=-1", "the inverse temperature λ must be finite and ≥ 0, got -1.0"),
+        ("fk-steering:k=4,reward=pixel-mass,interval=0", "fk-steering: interval (the evaluations between"),
+        ("fk-steering:k=4,reward=pixel-mass,particles=8", "bad option (_fk_steering() got an unexpected keyword"),
+        ("fk-steering:k=4,reward=digits-class:3", "reward 'digits-class:3' scores 1×16×16 digits images"),
+        ("fkc:k=4", "fkc takes exactly one target: anneal=β, cfg=S or classes=C1-C2, got none"),
+        ("fkc:k=4,anneal=2,cfg=3", "fkc takes exactly one target: anneal=β, cfg=S or classes=C1-C2, got anneal, cfg"),
+        ("fkc:k=0,anneal=2", "fkc: k (the particles per group) must be an integer ≥ 1, got 0"),
+        ("fkc:k=2,classes=3", "fkc: classes= names the product's classes, two or more separated by '-'"),
+        ("fkc:k=2,classes=3-12", "fkc: classes must be class labels in 0..9, got [3, 12]"),
+        ("fkc:k=2,anneal=-1", "the annealing exponent β must be a finite number > 0, got -1"),
+        ("svdd:m=0,reward=pixel-mass", "svdd: m (the candidates per step) must be an integer ≥ 1, got 0"),
+        ("svdd:reward=pixel-mass", "svdd needs m=M, the candidates per step"),
+        ("svdd:m=2,reward=pixel-mass,value=tds", "svdd: unknown value estimator 'tds': expected one of pm, mc"),
+        ("svdd:m=2,reward=nope.module:f", "reward 'nope.module:f': no module 'nope.module' to import"),
+    ],
+)
+def test_bad_particle_specs_raise_one_line_naming_the_value(spec, message, gmm_cond):
+    from diffsamplers.apps.recipes import parse_guidance
+
+    with pytest.raises(ValueError) as err:
+        parse_guidance(spec).build(gmm_cond)
+    assert message in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+def test_fkc_cfg_and_classes_need_a_class_conditional_model():
+    from diffsamplers.apps.recipes import parse_guidance
+    from diffsamplers.apps.registry import load_model
+
+    gmm = load_model("gmm")
+    for spec in ("fkc:k=2,cfg=3", "fkc:k=2,classes=1-2"):
+        with pytest.raises(ValueError, match=r"needs a class-conditional model; 'gmm' is not"):
+            parse_guidance(spec).build(gmm)
+    assert parse_guidance("fkc:k=2,anneal=0.5").build(gmm)[0].experts[0].beta == 0.5
