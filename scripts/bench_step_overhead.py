@@ -193,7 +193,18 @@ GUIDANCE_SPECS: dict[str, list[str]] = {
     "cads": ["2+cads"],
     "minority": ["2+minority"],
     "self-minority": ["2+self-minority:w=0.3", "2+self-minority:w=0.3,k=1"],
+    "fk-steering": ["2+fk-steering:k=2,reward=digits-class:3"],
+    "fkc": ["fkc:k=2,cfg=2"],
+    "svdd": ["2+svdd:m=4,reward=digits-class:3"],
 }
+#: The guidances that need a stochastic sampler (particles, candidates): their rows run SDE-DPM-Solver++ 2M, which
+#: costs what DPM-Solver++ 2M does per step plus one noise draw.
+STOCHASTIC_GUIDANCES = ("fk-steering", "fkc", "svdd")
+
+
+def solver_for(spec: str) -> str:
+    """The solver of a guidance row: ``sde-dpm++2m`` for a guidance that needs noise, else ``dpm++2m``."""
+    return "sde-dpm++2m" if any(name in spec for name in STOCHASTIC_GUIDANCES) else "dpm++2m"
 
 
 def guidance_specs() -> list[str]:
@@ -233,11 +244,13 @@ def build_guidance_loops(
             hooks = recipe.build(bundle)
             cond, uncond = bundle.conditions(labels, scale)
 
-            def run(_latents: torch.Tensor, hooks=hooks, cond=cond, uncond=uncond, scale=scale) -> torch.Tensor:
+            def run(
+                _latents: torch.Tensor, hooks=hooks, cond=cond, uncond=uncond, scale=scale, spec=spec
+            ) -> torch.Tensor:
                 noise = NoiseSource(seeds=range(batch))  # a guidance's own draws: per-sample streams
                 return sample(
                     bundle.denoiser,
-                    DPMSolverPlusPlus(2),
+                    DPMSolverPlusPlus(2, sde=solver_for(spec) != "dpm++2m"),
                     schedule,
                     x_T=x_T,
                     cond=cond,
@@ -276,7 +289,7 @@ def measure_guidance(device: str, batch: int, steps: int, repeats: int) -> tuple
             "device_name": name,
             "spec": spec,
             "model": "digits",
-            "solver": "dpm++2m",
+            "solver": solver_for(spec),
             "steps": steps,
             "batch": batch,
             "ms_per_step": ms,

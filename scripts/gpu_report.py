@@ -10,9 +10,12 @@ Parts, in this order, each with its own time budget inside one global deadline (
   5 repeats), host reads and CUDA synchronisations per run.
 * ``gpu_tests`` → ``gpu_tests.json`` (60 s): ``pytest -m gpu`` on the test files that carry the marker; the
   outcome of every test and the counts (without CUDA, pytest skips them all and the part is marked skipped).
-* ``throughput`` → ``throughput.json`` (180 s): images/s of our loop vs diffusers' pipeline loop at batch 64, 256
+* ``throughput`` → ``throughput.json`` (150 s): images/s of our loop vs diffusers' pipeline loop at batch 64, 256
   and 1024, digits model and a CIFAR-sized random ``UNet2DModel`` — ``scripts/bench_throughput.py``.
-* ``ays`` → ``ays_digits.json`` (150 s): an Align Your Steps optimisation on the digits model
+* ``particles`` → ``particles.json`` (40 s): FK steering with K particles per sample in one batch against K
+  sequential runs, and SVDD with M candidates drawn and valued in one call against M calls, K = M ∈ {1, 2, 4, 8},
+  digits model, DDIM η = 1, 20 steps — ``scripts/bench_particles.py`` (target: ≥ 0.8·K at K = 8).
+* ``ays`` → ``ays_digits.json`` (140 s): an Align Your Steps optimisation on the digits model
   (:func:`diffsamplers.apps.schedule_job.optimize_for_model`, DPM-Solver++ 2M, NFE 10, 512 KLUB samples, at most
   6 sweeps: the settings of ``docs/ays/digits_dpm++2m_nfe10_512samples.safetensors``, learned on a CPU), its
   seconds, per-sweep log and learned levels, compared with that CPU run.
@@ -65,7 +68,7 @@ REQUIRED = {
 
 TOTAL_BUDGET_S = 480.0
 #: Seconds per part; together they leave 30 s of the total for start-up (imports, CUDA initialisation).
-BUDGETS_S = {"step_overhead": 60.0, "gpu_tests": 60.0, "throughput": 180.0, "ays": 150.0}
+BUDGETS_S = {"step_overhead": 60.0, "gpu_tests": 60.0, "throughput": 150.0, "particles": 40.0, "ays": 140.0}
 #: Kept back from the global deadline for writing the files.
 RESERVE_S = 5.0
 #: The CPU run the ``ays`` part repeats on the device (same settings, same seed).
@@ -85,6 +88,9 @@ class Sizes:
     throughput_models: tuple[str, ...] = THROUGHPUT_MODELS
     throughput_batches: tuple[int, ...] = (64, 256, 1024)
     throughput_repeats: int = 3
+    particle_counts: tuple[int, ...] = (1, 2, 4, 8)
+    particle_steps: int = 20
+    particle_repeats: int = 3
     ays_nfe: int = 10
     ays_samples: int = 512
     ays_sweeps: int = 6
@@ -102,6 +108,9 @@ SMOKE = Sizes(
     throughput_models=("digits",),
     throughput_batches=(2,),
     throughput_repeats=1,
+    particle_counts=(1, 2),
+    particle_steps=2,
+    particle_repeats=1,
     ays_nfe=3,
     ays_samples=16,
     ays_sweeps=1,
@@ -333,6 +342,23 @@ def throughput(ctx: Context) -> None:
         free_device_memory()
 
 
+def particles(ctx: Context) -> None:
+    """``scripts/bench_particles.py`` on the device: K particles in one batch vs K runs, M candidates in one call vs
+    M calls (the target on a GPU: ≥ 0.8·K speed-up at K = 8)."""
+    import bench_particles as bench
+
+    sizes = ctx.sizes
+    ctx.settings.update(
+        counts=list(sizes.particle_counts), steps=sizes.particle_steps, repeats=sizes.particle_repeats, groups=1
+    )
+    unit = "particles and candidates, batched vs sequential"
+    ctx.planned = [unit]
+    report = bench.measure(ctx.device, list(sizes.particle_counts), 1, sizes.particle_steps, sizes.particle_repeats)
+    ctx.results.update(particles=report["particles"], candidates=report["candidates"])
+    print(bench.format_table(report), flush=True)
+    ctx.finished.append(unit)
+
+
 def ays(ctx: Context) -> None:
     """Align Your Steps on the digits model on the device: seconds, per-sweep log, learned levels."""
     require("sklearn", "scikit-learn (the digits data)")
@@ -419,6 +445,12 @@ PARTS = (
         "throughput.json",
         throughput,
         "images/s, our loop vs diffusers' pipeline loop: digits model and a CIFAR-sized random UNet2DModel",
+    ),
+    Part(
+        "particles",
+        "particles.json",
+        particles,
+        "FK steering's K particles in one batch vs K runs, SVDD's M candidates in one call vs M calls (digits model)",
     ),
     Part("ays", "ays_digits.json", ays, "Align Your Steps optimisation on the digits model: time and levels"),
 )

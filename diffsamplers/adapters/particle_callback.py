@@ -69,8 +69,9 @@ from typing import Any
 
 import torch
 
-from ..guidance.fk_steering import POTENTIALS, check_reward, log_potential
+from ..guidance.fk_steering import POTENTIALS, log_potential
 from ..guidance.particles import ParticleGroups, ParticleGuidance, ResamplingRecord, group_uniforms
+from ..guidance.rewards import checked_score
 from ..rng import NoiseSource
 from ..step import SamplingRun, StepContext
 from .scheduler_base import SolverScheduler
@@ -229,7 +230,7 @@ class ParticleResampling:
             with torch.no_grad():
                 x = self.decode(x)
             where += " (decoded)"
-        r = check_reward(self.reward, x, ctx, where).to(latents.device)
+        r = checked_score(self.reward, (x,), ctx, "the reward", where).to(latents.device)
         groups.reweight(log_potential(self.potential, self.lam, r, groups.carried, final))
         uniforms = group_uniforms(ctx, self.stream, self.num_particles, self.num_particles, latents.device)
         threshold = None if final else self.ess_threshold

@@ -38,6 +38,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..noise import RectifiedFlow
 from ..schedules.align_your_steps import align_your_steps
 from ..schedules.diffusers_compat import diffusers_grid
@@ -790,8 +792,8 @@ def _fkc(
     """``fkc:k=K,anneal=β|cfg=S|classes=C1-C2[,interval=N][,start=T][,ess=E][,scheme=S][,clamp=C]`` — Feynman–Kac
     correctors (Skreta et al. 2025; :class:`~diffsamplers.guidance.fk_correctors.FeynmanKacCorrector`) with K particles
     per group, for exactly one target: ``anneal=β`` the annealed p^β (:meth:`FeynmanKacCorrector.annealing`),
-    ``cfg=S`` classifier-free guidance as the geometric mixture p(x)^(1−S) p(x|c)^S
-    (:meth:`FeynmanKacCorrector.classifier_free`) or ``classes=C1-C2[-…]`` the product of the class conditionals
+    ``cfg=S`` classifier-free guidance as the geometric mixture p(x)^(1−S) p(x|c)^S (the unconditional expert is the
+    model's null label, so no classifier-free scale is needed beside it) or ``classes=C1-C2[-…]`` the product of the class conditionals
     (:meth:`FeynmanKacCorrector.product`). As for fk-steering the number of samples must be a multiple of K and the
     sampler stochastic. ``clamp=C`` centres and clamps each step's log-weight increments to [−C, C] (the official
     code's heuristic; it biases the target)."""
@@ -805,12 +807,15 @@ def _fkc(
         options["clamp"] = _real("fkc", "clamp", clamp)
     if (cfg is not None or classes is not None) and not getattr(bundle, "num_classes", 0):
         raise ValueError(f"fkc: {given[0]}= needs a class-conditional model; {getattr(bundle, 'name', '?')!r} is not")
-    from ..guidance.fk_correctors import FeynmanKacCorrector  # lazy: the module is optional to this parser
+    from ..guidance.fk_correctors import Expert, FeynmanKacCorrector  # lazy: the module is optional to this parser
 
     if anneal is not None:
         return FeynmanKacCorrector.annealing(_real("fkc", "anneal", anneal), k, **options)
     if cfg is not None:
-        return FeynmanKacCorrector.classifier_free(_real("fkc", "cfg", cfg), k, **options)
+        # the unconditional expert is the model's null label: the spec works without a classifier-free scale
+        w = _real("fkc", "cfg", cfg)
+        null = bundle.conditions(torch.zeros(1, dtype=torch.long), 2.0)[1]
+        return FeynmanKacCorrector([Expert(w, "cond"), Expert(1.0 - w, null)], k, **options)
     return FeynmanKacCorrector.product(_class_product(bundle, classes), k, **options)
 
 
@@ -829,12 +834,15 @@ def _svdd(
     value: str = "pm",
     rollouts: int | None = None,
     rollout_steps: int | None = None,
+    chunk: int | None = None,
 ) -> Guidance:
-    """``svdd:m=M,reward=SPEC[,alpha=0][,value=pm|mc][,rollouts=R][,rollout_steps=S]`` — soft value-based decoding
-    (Li et al. 2024; :class:`~diffsamplers.guidance.svdd.SVDD`): M candidates of each step per sample, one kept by the
-    soft value of the reward spec (:func:`parse_reward`), estimated by the reward of the posterior mean (``pm``) or by
-    R Monte-Carlo rollouts of S steps (``mc``); α = 0 keeps the best (the papers' argmax). Needs a stochastic
-    sampler; no constraint on the number of samples (the candidates are drawn within each sample)."""
+    """``svdd:m=M,reward=SPEC[,alpha=0][,value=pm|mc][,rollouts=R][,rollout_steps=S][,chunk=C]`` — soft value-based
+        decoding
+        (Li et al. 2024; :class:`~diffsamplers.guidance.svdd.SVDD`): M candidates of each step per sample, one kept by the
+        soft value of the reward spec (:func:`parse_reward`), estimated by the reward of the posterior mean (``pm``) or by
+        R Monte-Carlo rollouts of S steps (``mc``), the ``pm`` model calls in chunks of C rows if given (all candidates in
+    one call by default); α = 0 keeps the best (the papers' argmax). Needs a stochastic
+        sampler; no constraint on the number of samples (the candidates are drawn within each sample)."""
     m = _count("svdd", "m", m, "the candidates per step")
     if value not in _SVDD_VALUES:
         raise ValueError(f"svdd: unknown value estimator {value!r}: expected one of {', '.join(_SVDD_VALUES)}")
@@ -844,6 +852,8 @@ def _svdd(
         options["rollouts"] = _count("svdd", "rollouts", rollouts, "the rollouts per candidate of value=mc")
     if rollout_steps is not None:
         options["rollout_steps"] = _count("svdd", "rollout_steps", rollout_steps, "the steps of a rollout")
+    if chunk is not None:
+        options["value_chunk"] = _count("svdd", "chunk", chunk, "the rows per model call of value=pm")
     reward_fn = _reward_option("svdd", reward, bundle)
     from ..guidance.svdd import SVDD  # lazy: the module is optional to this parser
 

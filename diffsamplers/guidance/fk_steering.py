@@ -99,34 +99,15 @@ import torch
 from ..solvers.base import Solver, SolverPlan
 from ..step import Move, StepContext
 from .particles import ParticleGroups, ParticleGuidance, ResamplingRecord
+from .rewards import checked_score
 
-__all__ = ["GRADIENT_FORMS", "POTENTIALS", "FKSteering", "ResamplingRecord", "check_reward", "log_potential"]
+__all__ = ["GRADIENT_FORMS", "POTENTIALS", "FKSteering", "ResamplingRecord", "log_potential"]
 
 #: The potentials :class:`FKSteering` knows.
 POTENTIALS = ("difference", "max", "sum")
 
 #: The forms of :class:`FKSteering`'s gradient proposal (module docstring, "Gradient proposal").
 GRADIENT_FORMS = ("score", "x0")
-
-
-def check_reward(
-    reward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, ctx: StepContext, where: str
-) -> torch.Tensor:
-    """``reward(x)`` under ``torch.no_grad`` as a float64 ``(B,)`` tensor; ``ValueError`` naming the reward and the
-    step if it returns another shape or NaN/Inf (one host read)."""
-    with torch.no_grad():
-        r = reward(x)
-    name = getattr(reward, "__name__", type(reward).__name__)
-    step = f"step {ctx.index + 1} of {ctx.num_evals} (evaluation index {ctx.index}, {where})"
-    if not isinstance(r, torch.Tensor) or tuple(r.shape) != (x.shape[0],):
-        got = tuple(r.shape) if isinstance(r, torch.Tensor) else type(r).__name__
-        raise ValueError(f"the reward {name!r} must return a tensor of shape ({x.shape[0]},), got {got} at {step}")
-    r = r.detach().to(device=x.device, dtype=torch.float64)
-    finite = torch.isfinite(r)
-    if not bool(finite.all()):  # the one host read of the step
-        bad = (torch.nonzero(~finite).flatten() + ctx.rows.start).tolist()
-        raise ValueError(f"the reward {name!r} returned NaN/Inf at {step} for rows {bad[:8]}")
-    return r
 
 
 def log_potential(
@@ -365,11 +346,11 @@ class FKSteering(ParticleGuidance):
             return out
         final = ctx.index == ctx.num_evals - 1
         if final:
-            r = check_reward(self.reward, out, ctx, "the returned sample")
+            r = checked_score(self.reward, (out,), ctx, "the reward", "the returned sample")
         else:
             history = move.state_before.history
             if not history:
                 raise ValueError("FK steering needs the step's x̂0 in the solver state, and there is none")
-            r = check_reward(self.reward, history[-1], ctx, "x̂0")
+            r = checked_score(self.reward, (history[-1],), ctx, "the reward", "x̂0")
         groups.reweight(log_potential(self.potential, self.lam, r, groups.carried, final))
         return self.weigh_and_resample(ctx, groups, out)

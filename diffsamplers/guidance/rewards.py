@@ -17,12 +17,43 @@ The recipe parser builds them from specs (``digits-class:3``, ``pixel-mass``, ``
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
 import torch
 
 from ..models.digits import load_digits_classifier
 from ..models.digits_classifier import DigitsClassifier
 
-__all__ = ["DIGITS_SHAPE", "DigitsClassProbability", "PixelMass"]
+if TYPE_CHECKING:
+    from ..step import StepContext
+
+__all__ = ["DIGITS_SHAPE", "DigitsClassProbability", "PixelMass", "checked_score"]
+
+
+def checked_score(
+    fn: Callable[..., Any], args: tuple, ctx: StepContext, what: str = "the reward", where: str = "", per: int = 1
+) -> torch.Tensor:
+    """``fn(*args)`` — a reward or a value of the batch ``args[0]`` — under ``torch.no_grad``, as float64 ``(n,)``;
+    ``ValueError`` naming ``fn`` (by its ``__name__``), the step and the sample rows if it returns another shape or
+    NaN/Inf (one host read). Row i of the n belongs to sample ``ctx.rows.start + i // per`` (``per`` rows per sample,
+    e.g. SVDD's candidates)."""
+    x = args[0]
+    with torch.no_grad():
+        out = fn(*args)
+    name = getattr(fn, "__name__", type(fn).__name__)
+    at = f"step {ctx.index + 1} of {ctx.num_evals} (evaluation index {ctx.index}, {where})"
+    n = x.shape[0]
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (n,):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"{what} {name!r} must return a tensor of shape ({n},), got {got} at {at}")
+    out = out.detach().to(device=x.device, dtype=torch.float64)
+    finite = torch.isfinite(out)
+    if not bool(finite.all()):  # the one host read of the step
+        bad = sorted(set((torch.nonzero(~finite).flatten() // per + ctx.rows.start).tolist()))
+        raise ValueError(f"{what} {name!r} returned NaN/Inf at {at} for sample rows {bad[:8]}")
+    return out
+
 
 #: The shape of one bundled digits image (channels, height, width).
 DIGITS_SHAPE = (1, 16, 16)

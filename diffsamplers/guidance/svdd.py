@@ -70,9 +70,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..denoiser import slice_cond
 from ..schedules.schedule import Schedule
 from ..step import Guidance, Move, SamplingRun, StepContext, step
 from .particles import check_count, group_uniforms
+from .rewards import checked_score
 
 __all__ = ["VALUE_ESTIMATORS", "SVDD", "SVDDRecord", "repeat_conditions", "select_candidates"]
 
@@ -157,6 +159,8 @@ class SVDD(Guidance):
         rollouts: the rollouts per candidate of ``value="mc"``.
         rollout_steps: the steps of a rollout of ``value="mc"`` (with the run's solver), taken evenly from the run's
             remaining levels (``None``: every remaining level).
+        value_chunk: the rows per model call of ``value="pm"`` (``None``: all B·M candidates in one call, the
+            fastest where memory allows; a multiple of B bounds the memory of large M on large models).
 
     After sampling, :attr:`history` lists one :class:`SVDDRecord` per selecting step (chunk after chunk) and
     :attr:`values` the value of each returned sample's chosen candidate at every selecting step.
@@ -175,6 +179,7 @@ class SVDD(Guidance):
         value: str | ValueFn = "pm",
         rollouts: int = 4,
         rollout_steps: int | None = None,
+        value_chunk: int | None = None,
     ):
         if not callable(reward):
             raise TypeError(f"reward must be callable, got {type(reward).__name__}")
@@ -189,6 +194,7 @@ class SVDD(Guidance):
         self.value = value
         self.rollouts = check_count("rollouts", rollouts)
         self.rollout_steps = None if rollout_steps is None else check_count("rollout_steps", rollout_steps)
+        self.value_chunk = None if value_chunk is None else check_count("value_chunk", value_chunk)
         self.history: list[SVDDRecord] = []
 
     # -- results --------------------------------------------------------------------------------
@@ -245,30 +251,39 @@ class SVDD(Guidance):
         if x.shape[0] != len(ctx.rows) * per:
             raise ValueError(f"expected {per} candidates for each of {len(ctx.rows)} samples, got {x.shape[0]} rows")
         if sigma == 0.0 or level == plan.num_evals:  # the returned sample: v_0 = r
-            return self._checked(self.reward, (x,), ctx, "the reward", "candidates at the last level", per)
+            return checked_score(self.reward, (x,), ctx, "the reward", "candidates at the last level", per)
         if callable(self.value):
-            return self._checked(self.value, (x, sigma), ctx, "the value", f"candidates at sigma={sigma:.6g}", per)
+            return checked_score(self.value, (x, sigma), ctx, "the value", f"candidates at sigma={sigma:.6g}", per)
         if ctx.run.denoiser is None:
             raise ValueError("SVDD's value estimators 'pm' and 'mc' call the model, and this run has no denoiser")
         if self.value == "pm":
             x0 = self._denoise(ctx.run, level, x, per)
-            return self._checked(self.reward, (x0,), ctx, "the reward", "x̂0 of the candidates", per)
+            return checked_score(self.reward, (x0,), ctx, "the reward", "x̂0 of the candidates", per)
         return self._rollout_value(ctx, level, x)
 
     def _denoise(self, run: SamplingRun, level: int, x: torch.Tensor, copies: int) -> torch.Tensor:
-        """x̂0 of the ``copies`` candidates per sample ``x`` at the plan's ``level`` (one batched model call)."""
+        """x̂0 of the ``copies`` candidates per sample ``x`` at the plan's ``level``: one batched model call, or calls
+        of ``value_chunk`` rows."""
         assert run.denoiser is not None
         batch = len(run.rows)
         plan = run.plan
-        return run.denoiser.predict_x0(
-            x,
-            run.timesteps(x.device)[level],
-            float(plan.alpha_t[level]),
-            float(plan.sigma_t[level]),
-            cond=repeat_conditions(run.cond, batch, copies),
-            uncond=repeat_conditions(run.uncond, batch, copies),
-            guidance_scale=run.guidance_scale,
-        )
+        total = x.shape[0]
+        cond = repeat_conditions(run.cond, batch, copies)
+        uncond = repeat_conditions(run.uncond, batch, copies)
+        chunk = total if self.value_chunk is None else self.value_chunk
+        parts = [
+            run.denoiser.predict_x0(
+                x[start : start + chunk],
+                run.timesteps(x.device)[level],
+                float(plan.alpha_t[level]),
+                float(plan.sigma_t[level]),
+                cond=slice_cond(cond, start, min(start + chunk, total), total),
+                uncond=slice_cond(uncond, start, min(start + chunk, total), total),
+                guidance_scale=run.guidance_scale,
+            )
+            for start in range(0, total, chunk)
+        ]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def rollout_levels(self, num_evals: int, level: int) -> np.ndarray:
         """The plan's level indices a rollout from ``level`` visits (``rollout_steps`` steps, evenly, to the last)."""
@@ -302,29 +317,8 @@ class SVDD(Guidance):
             if sub.steps[j].noise != 0.0:
                 z = ctx.noise(self.rollout_stream, (per, *x.shape[1:]), x.device, x.dtype).flatten(0, 1)
             xs = step(rollout, j, xs, z=z)
-        r = self._checked(self.reward, (xs,), ctx, "the reward", "the rollouts' final samples", per)
+        r = checked_score(self.reward, (xs,), ctx, "the reward", "the rollouts' final samples", per)
         r = r.view(-1, self.rollouts)
         if self.alpha == 0.0:
             return r.mean(dim=1)
         return self.alpha * (torch.logsumexp(r / self.alpha, dim=1) - math.log(self.rollouts))
-
-    @staticmethod
-    def _checked(
-        fn: Callable[..., torch.Tensor], args: tuple, ctx: StepContext, what: str, where: str, per: int
-    ) -> torch.Tensor:
-        """``fn(*args)`` as float64 ``(n,)``; ``ValueError`` naming ``fn``, the step and the sample rows if it returns
-        another shape or NaN/Inf (one host read). Row i of the n belongs to sample ``rows.start + i // per``."""
-        x = args[0]
-        out = fn(*args)
-        name = getattr(fn, "__name__", type(fn).__name__)
-        at = f"step {ctx.index + 1} of {ctx.num_evals} (evaluation index {ctx.index}, {where})"
-        n = x.shape[0]
-        if not isinstance(out, torch.Tensor) or tuple(out.shape) != (n,):
-            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise ValueError(f"{what} {name!r} must return a tensor of shape ({n},), got {got} at {at}")
-        out = out.detach().to(device=x.device, dtype=torch.float64)
-        finite = torch.isfinite(out)
-        if not bool(finite.all()):  # the one host read of the step
-            bad = sorted(set((torch.nonzero(~finite).flatten() // per + ctx.rows.start).tolist()))
-            raise ValueError(f"{what} {name!r} returned NaN/Inf at {at} for sample rows {bad[:8]}")
-        return out

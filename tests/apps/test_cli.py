@@ -360,6 +360,9 @@ def test_sample_with_particle_and_candidate_guidance(capsys, tmp_path):
     svdd = "svdd:m=2,reward=pixel-mass:-1"
     assert main([*argv, "--solver", "euler-maruyama", "--guidance", svdd, "--per-class", "3"]) == 0
     assert "6 samples from digits with euler-maruyama" in capsys.readouterr().out
+    # FK correctors' CFG needs no classifier-free scale beside it: its unconditional expert is the null label
+    assert main([*argv, "--solver", "sde-dpm++2m", "--guidance", "fkc:k=2,cfg=3", "--per-class", "2"]) == 0
+    assert "4 samples from digits with sde-dpm++2m" in capsys.readouterr().out
 
 
 def test_sampler_chunks_keep_particle_groups_whole():

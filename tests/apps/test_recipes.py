@@ -221,7 +221,8 @@ def test_fkc_specs_build_the_three_targets(gmm_cond):
     assert isinstance(anneal, FeynmanKacCorrector) and anneal.num_particles == 8
     assert [(e.beta, e.cond) for e in anneal.experts] == [(2.0, "cond")]
     (cfg,) = parse_guidance("fkc:k=4,cfg=3,interval=2,ess=0.5,clamp=1").build(gmm_cond)
-    assert [(e.beta, e.cond) for e in cfg.experts] == [(3.0, "cond"), (-2.0, "uncond")]
+    (w_c, cond), (w_u, null) = [(e.beta, e.cond) for e in cfg.experts]  # the unconditional expert: the null label
+    assert (w_c, cond, w_u) == (3.0, "cond", -2.0) and null["class_labels"].tolist() == [gmm_cond.null_class]
     assert (cfg.num_particles, cfg.interval, cfg.ess_threshold, cfg.clamp) == (4, 2, 0.5, 1.0)
     (product,) = parse_guidance("fkc:k=2,classes=3-5").build(gmm_cond)
     assert [e.beta for e in product.experts] == [1.0, 1.0]

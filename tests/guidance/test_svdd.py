@@ -427,3 +427,16 @@ def test_candidates_keep_their_conditions(model):
     )
     assert torch.allclose(svdd.values[-1], reward(x), atol=1e-12)  # the final step returns x̂0 given y
     assert bool(((x.flatten() - y).abs() < 2.0).all())
+
+
+def test_value_calls_in_chunks_give_the_same_samples(model):
+    """value_chunk only splits SVDD-PM's model call: the same candidates, values and choices, bit for bit."""
+    runs = []
+    for chunk in (None, 3, 4):
+        guidance = SVDD(reward, 4, value_chunk=chunk)
+        x = _sample(model, 6, guidance, steps=8, seeds=list(range(6)))
+        runs.append((x, guidance.values))
+    for x, values in runs[1:]:
+        assert torch.equal(x, runs[0][0]) and torch.equal(values, runs[0][1])
+    with pytest.raises(ValueError, match="value_chunk must be an integer ≥ 1, got 0"):
+        SVDD(reward, 4, value_chunk=0)

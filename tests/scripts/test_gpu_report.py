@@ -14,7 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "gpu_report.py"
 FILES = {"step_overhead": "step_overhead.json", "gpu_tests": "gpu_tests.json", "throughput": "throughput.json"}
-FILES["ays"] = "ays_digits.json"
+FILES.update(particles="particles.json", ays="ays_digits.json")
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +89,18 @@ def test_throughput_and_ays_measure_on_the_cpu(smoke):
     assert len(levels) == 4 and all(a > b > 0 for a, b in zip(levels, levels[1:]))
     assert ays["results"]["sweeps"] == 1 and ays["results"]["seconds"] > 0 and ays["results"]["log"]
     assert ays["results"]["cpu_run"]["compared"] is False
+
+
+def test_particles_measure_batched_against_sequential_on_the_cpu(smoke):
+    _, parts = smoke
+    particles = parts["particles"]
+    assert particles["status"] == "ok" and particles["settings"]["counts"] == [1, 2]
+    for key, count in (("particles", "K"), ("candidates", "M")):
+        rows = particles["results"][key]
+        assert [r[count] for r in rows] == [1, 2]
+        assert all(
+            r["batched_s"] > 0 and r["speedup"] == pytest.approx(r["sequential_s"] / r["batched_s"]) for r in rows
+        )
 
 
 def test_a_part_past_its_budget_stops_and_keeps_what_it_measured(gpu_report):
