@@ -124,13 +124,21 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join([*lines, *("| " + " | ".join(row) + " |" for row in rows)])
 
 
-def picture(bundle: Any, grids: dict[str, torch.Tensor], path: Path) -> None:
-    """One row of images per setting."""
-    from PIL import Image
+def picture(grids: dict[str, torch.Tensor], path: Path, scale: int = 3) -> None:
+    """One labelled row of the first 12 images per setting (the same seeds in every row)."""
+    from PIL import Image, ImageDraw
 
-    rows = [torch.cat(list(images[:12, 0]), dim=1) for images in grids.values()]
-    canvas = torch.cat(rows, dim=0).numpy()
-    Image.fromarray(canvas).resize((canvas.shape[1] * 3, canvas.shape[0] * 3), Image.NEAREST).save(path)
+    cell, gap, label = 16 * scale, 2, 130
+    width = label + 12 * (cell + gap)
+    canvas = Image.new("L", (width, len(grids) * (cell + 2 * gap)), color=255)
+    draw = ImageDraw.Draw(canvas)
+    for r, (name, images) in enumerate(grids.items()):
+        top = r * (cell + 2 * gap)
+        draw.text((4, top + cell // 2 - 6), name, fill=0)
+        for c, image in enumerate(images[:12, 0]):
+            tile = Image.fromarray(image.numpy()).resize((cell, cell), Image.NEAREST)
+            canvas.paste(tile, (label + c * (cell + gap), top))
+    canvas.save(path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: reward {row['reward']:.3f}, {seconds:.0f} s", flush=True)
     if args.png is not None:
         args.png.parent.mkdir(parents=True, exist_ok=True)
-        picture(bundle, grids, args.png)
+        picture(grids, args.png)
     print(format_table(report))
     return 0
 

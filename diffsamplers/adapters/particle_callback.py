@@ -69,8 +69,8 @@ from typing import Any
 
 import torch
 
-from ..guidance.fk_steering import POTENTIALS, log_potential
-from ..guidance.particles import ParticleGroups, ParticleGuidance, ResamplingRecord, group_uniforms
+from ..guidance.fk_steering import FKSteering, log_potential
+from ..guidance.particles import ParticleGroups, ResamplingRecord, group_uniforms
 from ..guidance.rewards import checked_score
 from ..rng import NoiseSource
 from ..step import SamplingRun, StepContext
@@ -122,18 +122,19 @@ class ParticleResampling:
         decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
         generator: torch.Generator | int | None = None,
     ):
-        if not callable(reward):
-            raise TypeError(f"reward must be callable, got {type(reward).__name__}")
         if decode is not None and not callable(decode):
             raise TypeError(f"decode must be callable or None, got {type(decode).__name__}")
-        lam = float(lam)
-        if not lam >= 0.0 or lam == float("inf"):
-            raise ValueError(f"the inverse temperature λ must be finite and ≥ 0, got {lam!r}")
-        if potential not in POTENTIALS:
-            raise ValueError(f"unknown potential {potential!r}: expected one of {POTENTIALS}")
-        # the particle base checks the schedule and resampling arguments and owns the weighting schedule
-        self._schedule = ParticleGuidance(
-            num_particles, interval=interval, start=start, ess_threshold=ess_threshold, scheme=scheme
+        # FK steering's own settings: it checks the reward, λ, the potential and the particle options, and owns the
+        # weighting schedule
+        self._schedule = FKSteering(
+            reward,
+            num_particles,
+            lam,
+            potential,
+            interval=interval,
+            start=start,
+            ess_threshold=ess_threshold,
+            scheme=scheme,
         )
         if isinstance(generator, torch.Generator):
             self._seed: int | None = int(generator.initial_seed())
@@ -145,8 +146,8 @@ class ParticleResampling:
             raise ValueError(f"generator must be a torch.Generator, an int seed or None, got {generator!r}")
         self.reward = reward
         self.decode = decode
-        self.lam = lam
-        self.potential = potential
+        self.lam = self._schedule.lam
+        self.potential = self._schedule.potential
         self.num_particles = self._schedule.num_particles
         self.interval = self._schedule.interval
         self.start = self._schedule.start
