@@ -32,7 +32,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("bundled models", ("models",)),
     ("schedules", ("schedules",)),
     ("solvers", ("solvers",)),
-    ("loop", ("step", "sampling", "reference")),
+    ("loop", ("step", "sampling", "reference", "masked")),
     ("guidance and teleportation", ("guidance", "teleport")),
     ("metrics", ("metrics",)),
     ("tuning", ("tuning",)),

@@ -1,5 +1,15 @@
-"""Bundled models: exact Gaussian mixtures (and, later, small trained networks)."""
+"""Bundled models: exact Gaussian mixtures, an exact Markov chain for masked diffusion, and small trained networks."""
 
 from .gmm import GaussianMixture, GMMDenoiser, GMMModel, default_mixture, default_process, reference_solution
+from .markov_chain import MarkovChainModel, default_markov_chain
 
-__all__ = ["GMMDenoiser", "GMMModel", "GaussianMixture", "default_mixture", "default_process", "reference_solution"]
+__all__ = [
+    "GMMDenoiser",
+    "GMMModel",
+    "GaussianMixture",
+    "MarkovChainModel",
+    "default_markov_chain",
+    "default_mixture",
+    "default_process",
+    "reference_solution",
+]
