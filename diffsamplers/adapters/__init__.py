@@ -5,6 +5,7 @@ from .dc_solver_scheduler import DCSolverScheduler
 from .digits_pipeline import DigitsPipeline
 from .dpm_solver_pp_scheduler import DPMSolverPlusPlusScheduler
 from .exposure_bias_time_shift import TimeShiftHandle, attach_exposure_bias_time_shift, time_shift_settings
+from .masked_scheduler import MaskedDiffusionScheduler, MaskedSchedulerOutput
 from .particle_callback import ParticleResampling
 from .scheduler_base import SolverScheduler
 
@@ -13,6 +14,8 @@ __all__ = [
     "DCSolverScheduler",
     "DigitsPipeline",
     "DPMSolverPlusPlusScheduler",
+    "MaskedDiffusionScheduler",
+    "MaskedSchedulerOutput",
     "ParticleResampling",
     "SolverScheduler",
     "TimeShiftHandle",

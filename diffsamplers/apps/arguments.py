@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 __all__ = [
+    "DEFAULT_SOLVER",
     "USER_ERRORS",
     "CommandParser",
     "HelpFormatter",
@@ -53,6 +54,9 @@ USER_ERRORS = (ValueError, TypeError, OSError)
 MAX_SEED = 2**63 - 1
 
 _ARGUMENT = re.compile(r"argument (?P<flag>[^:]+): (?P<text>.*)", re.S)
+
+#: The solver of ``--solver`` when none is given (a masked model then takes the first-hitting sampler).
+DEFAULT_SOLVER = "dpm++2m"
 
 
 def one_line(message: object) -> str:
@@ -379,7 +383,10 @@ def add_sampler_arguments(
 
     parser.add_argument("--model", default="digits", help=help_text(f"model: {describe_models()}"))
     parser.add_argument(
-        "--solver", default="dpm++2m", type=spec(parse_solver), help=help_text(f"solver spec: {describe_solvers()}")
+        "--solver",
+        default=DEFAULT_SOLVER,
+        type=spec(parse_solver),
+        help=help_text(f"solver spec: {describe_solvers()}"),
     )
     parser.add_argument("--steps", type=integer(), default=20, help="sampling steps")
     parser.add_argument(

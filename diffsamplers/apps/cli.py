@@ -16,6 +16,7 @@ from typing import Any
 from ..schedules.align_your_steps import AYS_MODELS
 from ..step import Guidance
 from .arguments import (
+    DEFAULT_SOLVER,
     CommandParser,
     add_commands,
     add_output,
@@ -70,6 +71,10 @@ def _eval(args: argparse.Namespace) -> int:
     from .digits_eval import GuidanceError, format_table, run_eval
     from .plots import plot_digits_eval
 
+    if args.model == "text":
+        return _eval_text(args)
+    if args.model != "digits":
+        raise ValueError(f"--model: eval measures the bundled digits or text model, got {args.model!r}")
     try:
         report = run_eval(
             nfes=args.nfe,
@@ -87,6 +92,38 @@ def _eval(args: argparse.Namespace) -> int:
     )
     print(format_table(report))
     _write_report(report, args, plot_digits_eval)
+    return 0
+
+
+def _eval_text(args: argparse.Namespace) -> int:
+    from .registry import load_model
+    from .text_jobs import format_text_table, run_text_eval
+
+    if args.guidance != "1" or args.plot:
+        raise ValueError("eval --model text takes no --guidance or --plot (its table compares the masked samplers)")
+    bundle = load_model("text", masked_ok=True)
+    report = run_text_eval(bundle, args.num_samples, args.seed, select=args.methods)
+    print(f"# {report['metric']}")
+    print(f"# model: text; {report['num_samples']} samples of {report['sequence_length']} characters, seed {args.seed}")
+    print(format_text_table(report))
+    _write_report(report, args, None)
+    return 0
+
+
+def _sample_text(args: argparse.Namespace, bundle: Any) -> int:
+    """Masked-model samples printed as text (``--per-class`` of them; no classes, guidance or image)."""
+    from .text_jobs import sample_text
+
+    if args.classes or args.guidance or args.compare_unguided:
+        raise ValueError(f"model {args.model!r} takes no --classes, --guidance or --compare-unguided")
+    solver = "first-hitting" if args.solver == DEFAULT_SOLVER else args.solver
+    texts, nfe, seconds = sample_text(bundle, solver, args.steps, args.per_class, args.seed)
+    for i, text in enumerate(texts):
+        print(f"--- sample {i} ---")
+        print(text)
+    print(
+        f"# {len(texts)} samples from {args.model} with {solver} ({nfe} model calls, {seconds:.1f} s), seed {args.seed}"
+    )
     return 0
 
 
@@ -133,10 +170,12 @@ def _grid_rows(count: int) -> int:
 
 def _sample(args: argparse.Namespace) -> int:
     from .images import save_grid, save_grids_side_by_side
-    from .registry import load_model
+    from .registry import MaskedModelBundle, load_model
     from .samplers import make_sampler, particle_group_size
 
-    bundle = load_model(args.model, args.device)
+    bundle = load_model(args.model, args.device, masked_ok=True)
+    if isinstance(bundle, MaskedModelBundle):
+        return _sample_text(args, bundle)
     classes = _sample_classes(bundle, args.classes)
     guidance, hooks = _sample_guidance(bundle, args.guidance)
     group = particle_group_size(hooks)
@@ -329,6 +368,13 @@ def _add_eval(sub: Any) -> None:
         "for several solvers (ours and diffusers') on the digits model",
     )
     _add_report_arguments(p, [5, 10, 20], 500, 2)
+    p.add_argument(
+        "--model",
+        default="digits",
+        choices=("digits", "text"),
+        help="digits: the table above; text: the masked diffusion language model — first-hitting vs ancestral "
+        "sampling, wall time, 5-gram bits per character and unigram entropy, float64 vs float32 categorical sampling",
+    )
     p.add_argument(
         "--guidance",
         type=spec(parse_guidance),

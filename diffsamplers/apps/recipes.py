@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 
+from ..masked.samplers import AncestralSampler, FirstHittingSampler
 from ..noise import RectifiedFlow
 from ..schedules.align_your_steps import align_your_steps
 from ..schedules.diffusers_compat import diffusers_grid
@@ -63,6 +64,7 @@ __all__ = [
     "CPR_FILE",
     "DC_SOLVER",
     "GUIDANCES",
+    "MASKED_SAMPLERS",
     "GuidanceRecipe",
     "OutsideFitError",
     "REWARDS",
@@ -138,9 +140,21 @@ def register_solver(name: str, factory: Callable[..., Solver]) -> None:
     SOLVERS[name] = factory
 
 
+#: The samplers of masked (discrete) models: name → factory taking the number of steps and the spec's options
+#: (``first-hitting[:k=K]`` — K tokens per model call, 1 by default; ``ancestral[:cache=false]`` — MDLM's sampler on
+#: ``--steps`` steps).
+MASKED_SAMPLERS: dict[str, Callable[..., Any]] = {
+    "first-hitting": lambda steps, k=1: FirstHittingSampler(tokens_per_step=k),
+    "ancestral": lambda steps, cache=True: AncestralSampler(steps, cache=cache),
+}
+
+
 def describe_solvers() -> str:
     """The solver specs, for help texts and errors."""
-    return f"{', '.join(SOLVERS)}, {DC_SOLVER}[:PATH|:search], {_DIFFUSERS}SchedulerClass; any of ours +ts[:options]"
+    return (
+        f"{', '.join(SOLVERS)}, {DC_SOLVER}[:PATH|:search], {_DIFFUSERS}SchedulerClass; any of ours +ts[:options]; "
+        f"for masked (text) models {', '.join(MASKED_SAMPLERS)}"
+    )
 
 
 def describe_schedules() -> str:
@@ -196,6 +210,19 @@ class SolverRecipe:
         return self.scheduler_class is not None
 
     @property
+    def is_masked(self) -> bool:
+        """A sampler of masked (discrete) models (:data:`MASKED_SAMPLERS`)."""
+        return self.name in MASKED_SAMPLERS
+
+    def build_masked(self, steps: int) -> Any:
+        """The masked-model sampler of this spec, with ``steps`` steps where it takes them (ancestral)."""
+        if not self.is_masked:
+            raise ValueError(
+                f"{self.spec!r} samples continuous models; a masked model takes {', '.join(MASKED_SAMPLERS)}"
+            )
+        return _construct(partial(MASKED_SAMPLERS[self.name], int(steps)), self.options, self.spec)
+
+    @property
     def searches_ratios(self) -> bool:
         return self.name == DC_SOLVER and self.ratios == "search"
 
@@ -212,6 +239,8 @@ class SolverRecipe:
         (``None``: the solver without ratios, for a caller that searches them itself)."""
         if self.is_diffusers:
             raise ValueError(f"{self.spec!r} is a diffusers scheduler: run it with a diffusers loop, not as a solver")
+        if self.is_masked:
+            raise ValueError(f"{self.spec!r} samples masked (discrete) models such as --model text, not this one")
         solver = self._dc_solver(nfe, guidance_scale, folder, search) if self.name == DC_SOLVER else self._registered()
         if self.time_shift is not None:
             solver = _construct(lambda **kw: ExposureBiasTimeShift(solver, **kw), self.time_shift, self.spec)
@@ -289,6 +318,8 @@ def parse_solver(spec: str) -> SolverRecipe:
         if arg and "=" not in arg:
             return SolverRecipe(text, name, ratios=arg, time_shift=time_shift)
         return SolverRecipe(text, name, _options(arg, text), time_shift=time_shift)
+    if name in MASKED_SAMPLERS and not ts:
+        return SolverRecipe(text, name, _options(arg, text))
     if name not in SOLVERS:
         raise ValueError(f"unknown solver {spec!r}: expected {describe_solvers()}")
     return SolverRecipe(text, name, _options(arg, text), time_shift=time_shift)

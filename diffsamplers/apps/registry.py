@@ -4,7 +4,8 @@ A model spec is one of
 
 * a registered name — ``gmm`` (the bundled exact Gaussian mixture), ``gmm-flow`` (the same mixture as a
   rectified-flow velocity network), ``gmm-cond`` (its class-conditional version), ``digits`` (the bundled
-  class-conditional digits network), and whatever :func:`register_model` adds;
+  class-conditional digits network), ``text`` (the bundled character-level masked diffusion language model, a
+  :class:`MaskedModelBundle`), and whatever :func:`register_model` adds;
 * a diffusers pipeline folder saved with ``save_pretrained`` (``path/to/folder``, or ``diffusers:path/to/folder``):
   its ``unet/`` or ``transformer/`` and ``scheduler/``; nothing is downloaded;
 * ``package.module:factory`` — a function that returns a :class:`ModelBundle`.
@@ -34,6 +35,7 @@ from ..sampling import initial_noise
 __all__ = [
     "GMM_FLOW_SCHEDULER_CONFIG",
     "MODELS",
+    "MaskedModelBundle",
     "ModelBundle",
     "Draw",
     "describe_models",
@@ -261,15 +263,54 @@ def _digits() -> ModelBundle:
     return bundle
 
 
-MODELS: dict[str, Callable[[], ModelBundle]] = {
+@dataclass
+class MaskedModelBundle:
+    """A masked (discrete) diffusion model and what its jobs need: the model with its vocabulary size, mask id,
+    context and masking schedule (:class:`~diffsamplers.masked.samplers.MaskedDiffusion`), the codec between text and
+    ids, and its training record."""
+
+    name: str
+    diffusion: Any  # diffsamplers.masked.samplers.MaskedDiffusion
+    vocab: Any  # diffsamplers.data.text.CharVocab
+    metadata: dict[str, Any] = field(default_factory=dict)
+    folder: Path | None = None
+    description: str = ""
+
+    @property
+    def sequence_length(self) -> int:
+        """The length of a sample: the model's context."""
+        return int(self.diffusion.context_length)
+
+
+def _text() -> MaskedModelBundle:
+    from ..masked.samplers import MaskedDiffusion
+    from ..models.text_mdm import TEXT_MDM_DIR, load_text_mdm
+
+    model, vocab, metadata = load_text_mdm()
+    diffusion = MaskedDiffusion(
+        model, vocab.size, mask_id=vocab.mask_id, context_length=model.context_length, time_conditioned=False
+    )
+    return MaskedModelBundle(
+        "text",
+        diffusion,
+        vocab,
+        metadata,
+        TEXT_MDM_DIR,
+        f"bundled character-level masked diffusion language model ({vocab.size} symbols, context "
+        f"{model.context_length}, time-agnostic), trained on Python's documentation text",
+    )
+
+
+MODELS: dict[str, Callable[[], ModelBundle | MaskedModelBundle]] = {
     "gmm": _gmm,
     "gmm-flow": _gmm_flow,
     "gmm-cond": _gmm_cond,
     "digits": _digits,
+    "text": _text,
 }
 
 
-def register_model(name: str, factory: Callable[[], ModelBundle]) -> None:
+def register_model(name: str, factory: Callable[[], ModelBundle | MaskedModelBundle]) -> None:
     """Make ``load_model(name)`` return ``factory()``."""
     MODELS[name] = factory
 
@@ -336,9 +377,12 @@ def _from_factory(spec: str) -> ModelBundle:
     return bundle
 
 
-def load_model(spec: str, device: str | torch.device | None = None, data: str | None = None) -> ModelBundle:
+def load_model(
+    spec: str, device: str | torch.device | None = None, data: str | None = None, *, masked_ok: bool = False
+) -> ModelBundle:
     """The model named by ``spec`` (see the module docstring), its network moved to ``device``; ``data``
-    replaces its training data (a tensor file or ``sklearn-digits``)."""
+    replaces its training data (a tensor file or ``sklearn-digits``). A masked (discrete) model comes back as a
+    :class:`MaskedModelBundle` only to a caller that takes one (``masked_ok``); elsewhere it is a ``ValueError``."""
     spec = str(spec)
     if spec in MODELS:
         bundle = MODELS[spec]()
@@ -350,6 +394,17 @@ def load_model(spec: str, device: str | torch.device | None = None, data: str | 
         bundle = _from_factory(spec)
     else:
         raise ValueError(f"unknown model {spec!r}: expected {describe_models()}")
+    if isinstance(bundle, MaskedModelBundle):
+        if not masked_ok:
+            raise ValueError(
+                f"model {spec!r} is a masked (discrete) diffusion model: `diffsamplers sample` and `diffsamplers eval` "
+                "take it, this job samples continuous models"
+            )
+        if data is not None:
+            raise ValueError(f"model {spec!r} is a masked (discrete) model: it takes no --data")
+        if device is not None and isinstance(bundle.diffusion.model, torch.nn.Module):
+            bundle.diffusion.model.to(device)
+        return bundle  # type: ignore[return-value]
     if data is not None:
         bundle.data = load_data(data)
     if device is not None and isinstance(bundle.denoiser.model, torch.nn.Module):

@@ -13,7 +13,7 @@ Members: :class:`ClassifierFree` (the simplest: it sets the scale of the batched
 :class:`FKSteering` (Singhal et al. 2025: particles resampled by reward potentials towards p(x)·exp(λ r(x)), a
 ``transition`` hook); :class:`FeynmanKacCorrector` (Skreta et al. 2025: weighted particles for annealed, product and
 classifier-free targets); :class:`SVDD` (Li et al. 2024: M candidates per step, the one of highest soft value kept).
-The particle methods share :mod:`~diffsamplers.guidance.particles`; rewards that ship are in
+Both also steer the masked (discrete) samplers through :class:`GuidedMaskedSampler`. The particle methods share :mod:`~diffsamplers.guidance.particles`; rewards that ship are in
 :mod:`~diffsamplers.guidance.rewards`.
 """
 
@@ -22,6 +22,7 @@ from .cads import CADS
 from .classifier_free import ClassifierFree
 from .fk_correctors import Expert, FeynmanKacCorrector
 from .fk_steering import FKSteering
+from .masked import GuidedMaskedSampler
 from .minority import MinorityGuidance
 from .particles import ParticleGuidance, ResamplingRecord
 from .rewards import DigitsClassProbability, PixelMass
@@ -37,6 +38,7 @@ __all__ = [
     "FKSteering",
     "FeynmanKacCorrector",
     "Guidance",
+    "GuidedMaskedSampler",
     "MinorityGuidance",
     "Move",
     "ParticleGuidance",

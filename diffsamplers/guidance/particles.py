@@ -213,10 +213,19 @@ class ParticleGuidance(Guidance):
                     f"deterministic one never diverge): {ctx.run.solver.name} takes no random step; use e.g. "
                     "sde-dpm++2m, ddim-eta1 or euler-maruyama"
                 )
-            if ctx.index == 0 and rows.start == 0:
-                self._groups = []  # a new sample() call
-            self._groups.append(ParticleGroups.start(rows, self.num_particles, device, type(self).__name__))
+            self.start_groups(rows, device, new_call=ctx.index == 0 and rows.start == 0)
         return self._groups[-1]
+
+    def start_groups(self, rows: range, device: torch.device, new_call: bool = True) -> ParticleGroups:
+        """Start and record the particles of the chunk ``rows`` (``new_call``: a new sampling call, whose records
+        replace the last one's), for :attr:`history`, :attr:`log_weights` and :meth:`carried`; for loops outside
+        the diffusion step (the masked samplers, :mod:`diffsamplers.guidance.masked`). ``ValueError`` if the rows do
+        not hold whole groups."""
+        groups = ParticleGroups.start(rows, self.num_particles, device, type(self).__name__)
+        if new_call:
+            self._groups = []
+        self._groups.append(groups)
+        return groups
 
     def weigh_and_resample(self, ctx: StepContext, groups: ParticleGroups, out: torch.Tensor) -> torch.Tensor:
         """At a weighting step: resample (always, or by ESS; every group at the last step if ``resample_final``),

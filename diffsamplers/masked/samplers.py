@@ -271,9 +271,33 @@ def first_hitting_step(
     t: torch.Tensor,
     generator: torch.Generator | None,
     tokens_per_step: int = 1,
+    *,
+    candidates: int = 1,
+    logits: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One first-hitting step (k = ``tokens_per_step`` unmasks per row, one model call): returns the new tokens and
-    the rows' new times ``(B,)`` (τ_k). Rows without a mask are left as they are. No host read."""
+    the rows' new times ``(B,)`` (τ_k). Rows without a mask are left as they are. No host read.
+
+    ``candidates`` M > 1 replays the step M times per row from one model output (the candidates of SVDD, Li et al.
+    2024, Alg. 1): rows ``(B·M, L)`` and times ``(B·M,)``, row b's candidates at b·M … b·M + M − 1, each with its own
+    hitting times, positions and tokens. A time-agnostic model is called once on the B rows; a time-conditioned one
+    on the B·M rows, each at its own τ_1 (the step's law needs p_θ(· | x_t) at τ_1). ``logits``: the model's
+    ``(B, L, V)`` output at ``x``, already computed (time-agnostic models only); the call is then skipped. With
+    M = 1 and no ``logits`` the draws and the call are those of the plain step."""
+    if not isinstance(candidates, int) or candidates < 1:
+        raise ValueError(f"candidates must be an integer ≥ 1, got {candidates!r}")
+    if logits is not None:
+        if diffusion.time_conditioned:
+            raise ValueError(
+                "a first-hitting step can reuse the model's logits only for a time-agnostic model (a time-conditioned "
+                "one is called at the step's own hitting time)"
+            )
+        if tuple(logits.shape) != (*x.shape, diffusion.vocab_size):
+            raise ValueError(f"logits of shape {tuple(logits.shape)}, expected {(*x.shape, diffusion.vocab_size)}")
+    m = candidates
+    source = x
+    if m > 1:
+        x, t = x.repeat_interleave(m, dim=0), t.repeat_interleave(m, dim=0)
     batch, length = x.shape
     k = tokens_per_step
     masked = x == diffusion.mask
@@ -286,8 +310,16 @@ def first_hitting_step(
     keys = torch.where(masked, keys, torch.full_like(keys, -1.0))
     picked_keys, positions = keys.topk(min(k, length), dim=1)
     valid = picked_keys >= 0.0
-    logits = diffusion.logits(x, taus[:, 0].to(torch.float32))
-    rows = logits.gather(1, positions.unsqueeze(-1).expand(-1, -1, diffusion.vocab_size))
+    if logits is None:
+        if m == 1 or diffusion.time_conditioned:
+            logits = diffusion.logits(x, taus[:, 0].to(torch.float32))
+        else:  # t is dropped for a time-agnostic model: one call on the B distinct rows
+            logits = diffusion.logits(source, taus[::m, 0].to(torch.float32))
+    if logits.shape[0] == batch:
+        rows = logits.gather(1, positions.unsqueeze(-1).expand(-1, -1, diffusion.vocab_size))
+    else:  # the B rows' logits, read by each of their M candidates (not materialised B·M times)
+        owner = torch.arange(batch, device=x.device) // m
+        rows = logits[owner.unsqueeze(1), positions]
     tokens = categorical(rows, generator, kind="logits", dtype=diffusion.dtype, chunk_rows=diffusion.chunk_rows)
     tokens = torch.where(valid, tokens, x.gather(1, positions))
     return x.scatter(1, positions, tokens), taus[:, -1]

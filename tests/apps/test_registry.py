@@ -97,7 +97,7 @@ def test_every_spec_form_and_the_error_for_an_unknown_one(tmp_path, monkeypatch)
         bundle = load_model(name)
         assert bundle.name == name and bundle.sample_shape == (1, 8, 8)
     with pytest.raises(
-        ValueError, match="unknown model 'cifar': expected digits, gmm, gmm-cond, gmm-flow, a diffusers pipeline"
+        ValueError, match="unknown model 'cifar': expected digits, gmm, gmm-cond, gmm-flow, text, a diffusers pipeline"
     ):
         load_model("cifar")
     with pytest.raises(FileNotFoundError, match="is not a diffusers pipeline folder"):
