@@ -15,7 +15,9 @@ Parts, in this order, each with its own time budget inside one global deadline (
 * ``particles`` → ``particles.json`` (40 s): FK steering with K particles per sample in one batch against K
   sequential runs, and SVDD with M candidates drawn and valued in one call against M calls, K = M ∈ {1, 2, 4, 8},
   digits model, DDIM η = 1, 20 steps — ``scripts/bench_particles.py`` (target: ≥ 0.8·K at K = 8).
-* ``ays`` → ``ays_digits.json`` (140 s): an Align Your Steps optimisation on the digits model
+* ``masked`` → ``masked_text.json`` (40 s): ``diffsamplers eval --model text``'s first-hitting and ancestral (T =
+  1024) rows on the device, float64 and float32 categorical sampling, 64 samples.
+* ``ays`` → ``ays_digits.json`` (100 s): an Align Your Steps optimisation on the digits model
   (:func:`diffsamplers.apps.schedule_job.optimize_for_model`, DPM-Solver++ 2M, NFE 10, 512 KLUB samples, at most
   6 sweeps: the settings of ``docs/ays/digits_dpm++2m_nfe10_512samples.safetensors``, learned on a CPU), its
   seconds, per-sweep log and learned levels, compared with that CPU run.
@@ -68,7 +70,14 @@ REQUIRED = {
 
 TOTAL_BUDGET_S = 480.0
 #: Seconds per part; together they leave 30 s of the total for start-up (imports, CUDA initialisation).
-BUDGETS_S = {"step_overhead": 60.0, "gpu_tests": 60.0, "throughput": 150.0, "particles": 40.0, "ays": 140.0}
+BUDGETS_S = {
+    "step_overhead": 60.0,
+    "gpu_tests": 60.0,
+    "throughput": 150.0,
+    "particles": 40.0,
+    "masked": 40.0,
+    "ays": 100.0,
+}
 #: Kept back from the global deadline for writing the files.
 RESERVE_S = 5.0
 #: The CPU run the ``ays`` part repeats on the device (same settings, same seed).
@@ -91,6 +100,13 @@ class Sizes:
     particle_counts: tuple[int, ...] = (1, 2, 4, 8)
     particle_steps: int = 20
     particle_repeats: int = 3
+    masked_samples: int = 64
+    masked_methods: tuple[tuple[str, str, int, str], ...] = (
+        ("first-hitting", "first-hitting", 0, "float64"),
+        ("first-hitting", "first-hitting", 0, "float32"),
+        ("ancestral, T = 1024", "ancestral", 1024, "float64"),
+        ("ancestral, T = 1024", "ancestral", 1024, "float32"),
+    )
     ays_nfe: int = 10
     ays_samples: int = 512
     ays_sweeps: int = 6
@@ -111,6 +127,8 @@ SMOKE = Sizes(
     particle_counts=(1, 2),
     particle_steps=2,
     particle_repeats=1,
+    masked_samples=2,
+    masked_methods=(("first-hitting", "first-hitting:k=64", 0, "float64"), ("ancestral", "ancestral", 2, "float64")),
     ays_nfe=3,
     ays_samples=16,
     ays_sweeps=1,
@@ -359,6 +377,25 @@ def particles(ctx: Context) -> None:
     ctx.finished.append(unit)
 
 
+def masked(ctx: Context) -> None:
+    """``diffsamplers eval --model text`` on the device: first-hitting vs ancestral sampling of the bundled text model,
+    wall time and quality, float64 vs float32 categorical sampling (docs/masked.md's table)."""
+    import torch
+
+    from diffsamplers.apps.registry import load_model
+    from diffsamplers.apps.text_jobs import format_text_table, run_text_eval
+
+    sizes = ctx.sizes
+    ctx.settings.update(samples=sizes.masked_samples, methods=[list(m) for m in sizes.masked_methods])
+    unit = "first-hitting vs ancestral on the text model"
+    ctx.planned = [unit]
+    bundle = load_model("text", torch.device(ctx.device), masked_ok=True)
+    report = run_text_eval(bundle, sizes.masked_samples, methods=list(sizes.masked_methods))
+    ctx.results.update(rows=report["rows"], held_out=report["held_out"])
+    print(format_text_table(report), flush=True)
+    ctx.finished.append(unit)
+
+
 def ays(ctx: Context) -> None:
     """Align Your Steps on the digits model on the device: seconds, per-sweep log, learned levels."""
     require("sklearn", "scikit-learn (the digits data)")
@@ -451,6 +488,12 @@ PARTS = (
         "particles.json",
         particles,
         "FK steering's K particles in one batch vs K runs, SVDD's M candidates in one call vs M calls (digits model)",
+    ),
+    Part(
+        "masked",
+        "masked_text.json",
+        masked,
+        "first-hitting vs ancestral sampling of the bundled text model: seconds, 5-gram bits/char, entropy",
     ),
     Part("ays", "ays_digits.json", ays, "Align Your Steps optimisation on the digits model: time and levels"),
 )

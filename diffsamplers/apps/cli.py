@@ -111,13 +111,13 @@ def _eval_text(args: argparse.Namespace) -> int:
 
 
 def _sample_text(args: argparse.Namespace, bundle: Any) -> int:
-    """Masked-model samples printed as text (``--per-class`` of them; no classes, guidance or image)."""
+    """Masked-model samples printed as text (``--per-class`` of them, optionally guided by fk-steering or svdd)."""
     from .text_jobs import sample_text
 
-    if args.classes or args.guidance or args.compare_unguided:
-        raise ValueError(f"model {args.model!r} takes no --classes, --guidance or --compare-unguided")
+    if args.classes or args.compare_unguided:
+        raise ValueError(f"model {args.model!r} takes no --classes or --compare-unguided")
     solver = "first-hitting" if args.solver == DEFAULT_SOLVER else args.solver
-    texts, nfe, seconds = sample_text(bundle, solver, args.steps, args.per_class, args.seed)
+    texts, nfe, seconds = sample_text(bundle, solver, args.steps, args.per_class, args.seed, guidance=args.guidance)
     for i, text in enumerate(texts):
         print(f"--- sample {i} ---")
         print(text)

@@ -724,6 +724,23 @@ register_reward("digits-class", _digits_class_reward, "digits-class:C")
 register_reward("pixel-mass", _pixel_mass_reward, "pixel-mass[:-1]")
 
 
+def _text_chars_reward(arg: str | None, bundle: Any) -> Reward:
+    """``text-chars:CLASS`` — the share of a text sample's characters in CLASS (digit, upper, lower, space, punct, or
+    the characters themselves; :class:`~diffsamplers.guidance.rewards.TextCharacterShare`), for a character-level
+    masked model (``--model text``)."""
+    from ..guidance.rewards import TextCharacterShare
+
+    vocab = getattr(bundle, "vocab", None)
+    if vocab is None:
+        raise ValueError("reward text-chars needs a character-level masked model such as --model text")
+    if not arg:
+        raise ValueError("reward text-chars: name the characters, e.g. text-chars:digit or text-chars:aeiou")
+    return TextCharacterShare(vocab.symbols, arg)
+
+
+register_reward("text-chars", _text_chars_reward, "text-chars:CLASS")
+
+
 # -- reward and particle guidances --------------------------------------------------------------------
 
 

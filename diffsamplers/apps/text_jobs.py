@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .recipes import parse_solver
+from .recipes import parse_guidance, parse_solver
 from .registry import MaskedModelBundle
 
 __all__ = ["DEFAULT_TEXT_METHODS", "format_text_table", "run_text_eval", "sample_text"]
@@ -45,20 +45,37 @@ def sample_text(
     count: int,
     seed: int = 0,
     dtype: str = "float64",
+    guidance: str | None = None,
 ) -> tuple[list[str], int, float]:
     """``count`` samples of the model's context length as text, the NFE and the seconds, with the sampler spec
-    ``sampler`` (``first-hitting[:k=K]`` or ``ancestral`` on ``steps`` steps) and categorical sampling in ``dtype``."""
+    ``sampler`` (``first-hitting[:k=K]`` or ``ancestral`` on ``steps`` steps) and categorical sampling in ``dtype``;
+    ``guidance``: an ``fk-steering:…`` or ``svdd:…`` spec (:func:`~diffsamplers.apps.recipes.parse_guidance`) with a
+    reward on token ids such as ``text-chars:digit``, run by
+    :class:`~diffsamplers.guidance.masked.GuidedMaskedSampler`."""
     if dtype not in _DTYPES:
         raise ValueError(f"unknown categorical dtype {dtype!r}: expected one of {', '.join(_DTYPES)}")
     if count < 1:
         raise ValueError(f"the number of samples must be at least 1, got {count}")
     recipe = parse_solver(sampler)
     method = recipe.build_masked(steps)
+    if guidance:
+        from ..guidance.masked import GuidedMaskedSampler
+
+        parsed = parse_guidance(guidance)
+        hooks = parsed.build(bundle)
+        if parsed.scale is not None or len(hooks) != 1:
+            raise ValueError(f"a masked model takes one fk-steering or svdd guidance, got {guidance!r}")
+        method = GuidedMaskedSampler(method, hooks[0])
     diffusion = replace(bundle.diffusion, dtype=_DTYPES[dtype])
-    generator = torch.Generator().manual_seed(int(seed))
+    model = diffusion.model
+    device = next(model.parameters()).device if isinstance(model, torch.nn.Module) else torch.device("cpu")
+    generator = torch.Generator(device).manual_seed(int(seed))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     began = time.perf_counter()
     with torch.no_grad():
-        out = method.sample(diffusion, batch=count, length=bundle.sequence_length, generator=generator)
+        x = diffusion.all_masked(count, bundle.sequence_length, device)
+        out = method.sample(diffusion, x, generator=generator)
+        sync()
     seconds = time.perf_counter() - began
     return bundle.vocab.decode_batch(out.tokens.cpu()), int(out.nfe), seconds
 

@@ -69,6 +69,7 @@ from ..masked.samplers import (
     MaskedSample,
     ancestral_step,
     first_hitting_step,
+    start_state,
 )
 from .fk_steering import FKSteering, log_potential
 from .rewards import checked_score
@@ -257,18 +258,7 @@ class GuidedMaskedSampler:
     ) -> MaskedSample:
         """Sample as ``sampler.sample`` does, with the guidance; ``guidance_generator``: the stream of the guidance's
         own draws (``None``: ``generator``)."""
-        if x is None:
-            if batch is None or length is None:
-                raise ValueError("give either a start x or both batch and length")
-            x = diffusion.all_masked(batch, length)
-        else:
-            if batch is not None and batch != x.shape[0]:
-                raise ValueError(f"batch={batch} disagrees with the start x of {x.shape[0]} rows")
-            if length is not None and x.ndim == 2 and length != x.shape[1]:
-                raise ValueError(f"length={length} disagrees with the start x of length {x.shape[1]}")
-            x = diffusion.check(x)
-        if not 0.0 < start_time <= 1.0:
-            raise ValueError(f"start_time must lie in (0, 1], got {start_time}")
+        x = start_state(diffusion, x, batch, length, start_time)
         if isinstance(self.sampler, AncestralSampler):
             chain: _AncestralChain | _FirstHittingChain = _AncestralChain(
                 self.sampler, diffusion, x, generator, start_time

@@ -9,7 +9,8 @@ as an image file would), and are differentiable in x where they are not clipped:
 
 * :class:`DigitsClassProbability` — the probability of one class under the bundled digits classifier
   (:class:`~diffsamplers.models.digits_classifier.DigitsClassifier`, the network of FD-digits), in [0, 1];
-* :class:`PixelMass` — the mean intensity of the image mapped to [0, 1] (``sign=-1``: the mean darkness, 1 − that).
+* :class:`PixelMass` — the mean intensity of the image mapped to [0, 1] (``sign=-1``: the mean darkness, 1 − that);
+* :class:`TextCharacterShare` — for the character-level text model: the share of positions in a character class.
 
 The recipe parser builds them from specs (``digits-class:3``, ``pixel-mass``, ``pixel-mass:-1``, or
 ``package.module:function`` for any other callable): :func:`diffsamplers.apps.recipes.parse_reward`.
@@ -28,7 +29,14 @@ from ..models.digits_classifier import DigitsClassifier
 if TYPE_CHECKING:
     from ..step import StepContext
 
-__all__ = ["DIGITS_SHAPE", "DigitsClassProbability", "PixelMass", "checked_score"]
+__all__ = [
+    "CHARACTER_CLASSES",
+    "DIGITS_SHAPE",
+    "DigitsClassProbability",
+    "PixelMass",
+    "TextCharacterShare",
+    "checked_score",
+]
 
 
 def checked_score(
@@ -126,3 +134,37 @@ class PixelMass:
 
     def __repr__(self) -> str:
         return f"PixelMass(sign={self.sign})"
+
+
+#: Named character classes of :class:`TextCharacterShare`.
+CHARACTER_CLASSES: dict[str, Callable[[str], bool]] = {
+    "digit": str.isdigit,
+    "upper": str.isupper,
+    "lower": str.islower,
+    "space": str.isspace,
+    "punct": lambda c: not c.isalnum() and not c.isspace(),
+}
+
+
+class TextCharacterShare:
+    """The share of a token sequence's positions whose symbol belongs to a character class — a reward on the ids of a
+    character-level masked model (``(B, L)`` int64 → ``(B,)`` in [0, 1]), e.g. the target character-class frequency
+    of issue 14's guided text. ``characters`` is a named class (:data:`CHARACTER_CLASSES`: digit, upper, lower,
+    space, punct) or the characters themselves; masked positions (ids outside the vocabulary) never count. A lookup
+    table on the device: no host read."""
+
+    def __init__(self, symbols: str, characters: str):
+        test = CHARACTER_CLASSES.get(characters)
+        members = [test(c) if test is not None else c in characters for c in symbols]
+        if not any(members):
+            raise ValueError(f"no symbol of the vocabulary is in {characters!r}: the reward would be 0 everywhere")
+        self.table = torch.tensor([*members, False], dtype=torch.float64)  # the last entry: any other id (the mask)
+        self.characters = characters
+        self.__name__ = f"text-chars:{characters}"
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        if ids.ndim != 2 or ids.dtype.is_floating_point:
+            raise ValueError(f"{self.__name__} takes (B, L) token ids, got {ids.dtype} {tuple(ids.shape)}")
+        table = self.table.to(ids.device)
+        index = torch.where((ids >= 0) & (ids < table.numel() - 1), ids, table.numel() - 1)
+        return table[index].mean(dim=1)

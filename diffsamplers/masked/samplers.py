@@ -47,6 +47,7 @@ from .categorical import categorical
 from .schedules import LinearMasking, MaskingSchedule
 
 __all__ = [
+    "start_state",
     "AncestralSampler",
     "FirstHittingSampler",
     "MaskedDiffusion",
@@ -212,9 +213,7 @@ class AncestralSampler:
     ) -> MaskedSample:
         """Sample from ``x`` (partially masked, taken as the state at ``start_time``) or from the all-mask
         ``(batch, length)`` sequence at t = 1."""
-        x = _start(diffusion, x, batch, length)
-        if not 0.0 < start_time <= 1.0:
-            raise ValueError(f"start_time must lie in (0, 1], got {start_time}")
+        x = start_state(diffusion, x, batch, length, start_time)
         times = [start_time * (1.0 - k / self.steps) for k in range(self.steps + 1)]
         masks = [diffusion.schedule.mask_probability(t) for t in times]
         caching = self.cache and not diffusion.time_conditioned
@@ -347,9 +346,7 @@ class FirstHittingSampler:
     ) -> MaskedSample:
         """Sample from ``x`` (partially masked, taken as the state at ``start_time``) or from the all-mask
         ``(batch, length)`` sequence at t = 1."""
-        x = _start(diffusion, x, batch, length)
-        if not 0.0 < start_time <= 1.0:
-            raise ValueError(f"start_time must lie in (0, 1], got {start_time}")
+        x = start_state(diffusion, x, batch, length, start_time)
         most = int((x == diffusion.mask).sum(dim=1).max())  # the one host read: the number of steps
         steps = math.ceil(most / self.tokens_per_step)
         t = torch.full((x.shape[0],), start_time, dtype=torch.float64, device=x.device)
@@ -358,7 +355,13 @@ class FirstHittingSampler:
         return MaskedSample(x, steps, steps, steps)
 
 
-def _start(diffusion: MaskedDiffusion, x: torch.Tensor | None, batch: int | None, length: int | None) -> torch.Tensor:
+def start_state(
+    diffusion: MaskedDiffusion, x: torch.Tensor | None, batch: int | None, length: int | None, start_time: float = 1.0
+) -> torch.Tensor:
+    """A sampler's start: ``x`` checked (partially masked, the state at ``start_time`` ∈ (0, 1]) or the all-mask
+    ``(batch, length)`` sequence; ``ValueError`` for disagreeing sizes, bad tokens or a start time outside (0, 1]."""
+    if not 0.0 < start_time <= 1.0:
+        raise ValueError(f"start_time must lie in (0, 1], got {start_time}")
     if x is None:
         if batch is None or length is None:
             raise ValueError("give either a start x or both batch and length")

@@ -71,3 +71,42 @@ def test_samplers_and_models_do_not_mix(capsys):
     assert "takes no --classes" in line
     with pytest.raises(ValueError, match="bad option"):
         parse_solver("first-hitting:q=2").build_masked(1)
+
+
+def test_text_reward_and_guided_samples(text):
+    from diffsamplers.apps.recipes import parse_reward
+    from diffsamplers.guidance.rewards import TextCharacterShare
+
+    digit = parse_reward("text-chars:digit", text)
+    ids = text.vocab.encode("a1b2").view(1, -1)
+    masked = ids.clone()
+    masked[0, 1] = text.vocab.mask_id  # a mask never counts
+    assert digit(ids).tolist() == [0.5] and digit(masked).tolist() == [0.25] and digit.__name__ == "text-chars:digit"
+    assert TextCharacterShare(text.vocab.symbols, "ab")(ids).tolist() == [0.5]
+    with pytest.raises(ValueError, match="no symbol of the vocabulary"):
+        TextCharacterShare(text.vocab.symbols, "\u00e9\u00e8")
+    with pytest.raises(ValueError, match="character-level masked model"):
+        parse_reward("text-chars:digit", load_model("gmm"))
+    plain, _, _ = sample_text(text, "first-hitting:k=4", 0, 4, seed=2)
+    steered, _, _ = sample_text(text, "first-hitting:k=4", 0, 4, seed=2, guidance="svdd:m=8,reward=text-chars:digit")
+
+    def share(texts):
+        return sum(c.isdigit() for t in texts for c in t) / sum(len(t) for t in texts)
+
+    assert share(steered) > share(plain) + 0.02
+    with pytest.raises(ValueError, match="one fk-steering or svdd guidance"):
+        sample_text(text, "first-hitting", 0, 2, guidance="2+svdd:m=2,reward=text-chars:digit")
+
+
+def test_guidance_sweep_script(tmp_path):
+    import json
+    import runpy
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "scripts" / "text_guidance.py"
+    out = tmp_path / "guided.json"
+    main_fn = runpy.run_path(str(script), run_name="script")["main"]
+    assert main_fn(["--samples", "4", "--counts", "1", "4", "--json", str(out)]) == 0
+    rows = {row["name"]: row for row in json.loads(out.read_text())["rows"]}
+    assert rows["SVDD-PM M=4"]["reward"] > rows["SVDD-PM M=1"]["reward"]
+    assert rows["FK steering K=4"]["rows_per_sample"] == 4 * rows["FK steering K=4"]["model_calls"]

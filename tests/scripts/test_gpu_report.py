@@ -14,7 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "gpu_report.py"
 FILES = {"step_overhead": "step_overhead.json", "gpu_tests": "gpu_tests.json", "throughput": "throughput.json"}
-FILES.update(particles="particles.json", ays="ays_digits.json")
+FILES.update(particles="particles.json", masked="masked_text.json", ays="ays_digits.json")
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +101,16 @@ def test_particles_measure_batched_against_sequential_on_the_cpu(smoke):
         assert all(
             r["batched_s"] > 0 and r["speedup"] == pytest.approx(r["sequential_s"] / r["batched_s"]) for r in rows
         )
+
+
+def test_masked_text_rows_on_the_cpu(smoke):
+    _, parts = smoke
+    masked = parts["masked"]
+    assert masked["status"] == "ok" and [r["sampler"] for r in masked["results"]["rows"]] == [
+        "first-hitting:k=64",
+        "ancestral",
+    ]
+    assert all(r["seconds"] > 0 and r["nfe"] >= 1 for r in masked["results"]["rows"])
 
 
 def test_a_part_past_its_budget_stops_and_keeps_what_it_measured(gpu_report):
