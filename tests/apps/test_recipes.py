@@ -249,7 +249,10 @@ def test_svdd_spec(gmm_cond):
         ("fk-steering:reward=pixel-mass", "fk-steering needs k=K, the particles per group"),
         ("fk-steering:k=0,reward=pixel-mass", "fk-steering: k (the particles per group) must be an integer ≥ 1, got 0"),
         ("fk-steering:k=2.5,reward=pixel-mass", "must be an integer ≥ 1, got 2.5"),
-        ("fk-steering:k=4", "fk-steering needs reward=SPEC: digits-class:C, pixel-mass[:-1], package.module:function"),
+        (
+            "fk-steering:k=4",
+            "fk-steering needs reward=SPEC: digits-class:C, pixel-mass[:-1], text-chars:CLASS, package.module:function",
+        ),
         ("fk-steering:k=4,reward=clip", "unknown reward 'clip': expected digits-class:C"),
         ("fk-steering:k=4,reward=pixel-mass,potential=rt", "fk-steering: unknown potential 'rt': expected one of"),
         ("fk-steering:k=4,reward=pixel-mass,lam=hot", "fk-steering: lam must be a finite number, got 'hot'"),

@@ -85,7 +85,7 @@ def test_pixel_mass_per_sample_on_any_shape():
 
 
 def test_reward_specs_build_the_shipped_rewards():
-    assert set(REWARDS) == {"digits-class", "pixel-mass"}
+    assert set(REWARDS) == {"digits-class", "pixel-mass", "text-chars"}
     mass = parse_reward("pixel-mass")
     assert isinstance(mass, PixelMass) and mass.sign == 1
     assert parse_reward(" pixel-mass:-1 ").sign == -1 and parse_reward("pixel-mass:1").sign == 1
