@@ -46,6 +46,7 @@ __all__ = [
     "as_guidance",
     "correct",
     "evaluation_point",
+    "gather_conditions",
     "integrate",
     "normalised_time",
     "plan_timesteps",
@@ -317,15 +318,17 @@ class SamplingRun:
         if index.ndim != 1 or index.numel() != batch:
             raise ValueError(f"reindex keeps the batch size {batch}: got an index of shape {tuple(index.shape)}")
         self.state = self.state.index_select(index)
-        self.cond = _gather_cond(self.cond, index, batch)
-        self.uncond = _gather_cond(self.uncond, index, batch)
+        self.cond = gather_conditions(self.cond, index, batch)
+        self.uncond = gather_conditions(self.uncond, index, batch)
         if self.finite is not None:
             self.finite.sums = self.finite.sums.index_select(1, index.to(self.finite.sums.device))
 
 
-def _gather_cond(cond: Any, index: torch.Tensor, batch: int) -> Any:
+def gather_conditions(cond: Any, index: torch.Tensor, batch: int) -> Any:
+    """The model inputs of the rows ``index``: a tensor whose first dimension is the ``batch`` is per-sample and
+    gathered; anything else is shared and kept; mappings are walked (``index`` may repeat rows or change the size)."""
     if isinstance(cond, Mapping):
-        return {k: _gather_cond(v, index, batch) for k, v in cond.items()}
+        return {k: gather_conditions(v, index, batch) for k, v in cond.items()}
     if isinstance(cond, torch.Tensor) and cond.ndim >= 1 and cond.shape[0] == batch:
         return cond.index_select(0, index.to(cond.device))
     return cond

@@ -63,7 +63,7 @@ or value and the step). Values are float64 on the device. After sampling, :attr:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,7 +72,7 @@ import torch
 
 from ..denoiser import slice_cond
 from ..schedules.schedule import Schedule
-from ..step import Guidance, Move, SamplingRun, StepContext, step
+from ..step import Guidance, Move, SamplingRun, StepContext, gather_conditions, step
 from .particles import check_count, group_uniforms
 from .rewards import checked_score
 
@@ -107,14 +107,9 @@ def select_candidates(values: torch.Tensor, alpha: float, uniforms: torch.Tensor
 
 
 def repeat_conditions(cond: Any, batch: int, copies: int) -> Any:
-    """The model inputs of ``copies`` consecutive rows per sample: a tensor whose first dimension is the ``batch`` is
-    per-sample and repeated row by row (the rule of :meth:`~diffsamplers.step.SamplingRun.reindex`); anything else is
-    shared and kept; mappings are walked."""
-    if isinstance(cond, Mapping):
-        return {k: repeat_conditions(v, batch, copies) for k, v in cond.items()}
-    if isinstance(cond, torch.Tensor) and cond.ndim >= 1 and cond.shape[0] == batch:
-        return cond.repeat_interleave(copies, dim=0)
-    return cond
+    """The model inputs of ``copies`` consecutive rows per sample (per-sample tensors repeated row by row, the rest
+    shared): :func:`~diffsamplers.step.gather_conditions` with each row's index repeated."""
+    return gather_conditions(cond, torch.arange(batch).repeat_interleave(copies), batch)
 
 
 def _check_alpha(alpha: float) -> float:
