@@ -1,10 +1,14 @@
 """Gaussian teleportation: model evaluations saved at equal error.
 
 For grids of N steps (Karras ρ = 7 by default, as the paper's code) the solver runs (a) on the whole grid and
-(b) from the Gaussian teleport to the level chosen by the skip criterion (``--tolerance``), on the rest of the
-grid. Errors are RMS against the exact (Gaussian mixture) or 1,000-step reference on seeded noises. "Saved at
-equal error": for each teleported run, the NFE the plain solver needs for the same error (log-log interpolation
-of its error curve) minus the teleported run's NFE.
+(b) from the Gaussian teleport to the level chosen by the skip criterion (``--tolerance``: the teleported state's
+estimated error as a fraction of the noise left in it, :func:`~diffsamplers.teleport.gaussian.teleport_level`), on
+the rest of the grid. Then, for a target of N evaluations (the second table; ``--no-target-nfe`` leaves it out),
+(c) the teleport to the criterion's level followed by N evaluations on the same spacing from there
+(:meth:`GaussianTeleport.schedule_for <diffsamplers.teleport.gaussian.GaussianTeleport.schedule_for>`). Errors are
+RMS against the exact (Gaussian mixture) or 1,000-step reference on seeded noises. "Saved at equal error": for each
+teleported run, the NFE the plain solver needs for the same error (log-log interpolation of its error curve) minus
+the teleported run's NFE.
 
     python scripts/teleport_table.py --model gmm --solver dpm++2m
 """
@@ -21,7 +25,7 @@ from diffsamplers.apps.recipes import make_solver, parse_schedule
 from diffsamplers.apps.registry import load_model
 from diffsamplers.apps.tables import write_json
 from diffsamplers.reference import reference_description
-from diffsamplers.teleport.gaussian import GaussianTeleport, choose_skip
+from diffsamplers.teleport.gaussian import TELEPORT_SPACINGS, GaussianTeleport, choose_skip
 from diffsamplers.teleport.statistics import GaussianStatistics, class_statistics, load_class_statistics
 
 
@@ -42,13 +46,18 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=None, help="low-rank + isotropic statistics of this rank")
     p.add_argument("--per-class", action="store_true", help="one Gaussian per class (class-conditional models)")
     p.add_argument("--solver", default="dpm++2m")
-    p.add_argument("--schedule", default="karras", help="schedule spec (see diffsamplers.apps.recipes)")
+    p.add_argument(
+        "--schedule",
+        default="karras/append_zero",
+        help="schedule spec (see diffsamplers.apps.recipes; default: Karras ρ = 7 with 0 appended, as k-diffusion)",
+    )
     p.add_argument("--steps", type=int, nargs="+", default=[5, 6, 7, 8, 10, 12, 15, 20, 25, 30])
     p.add_argument("--tolerance", type=float, nargs="+", default=[0.01, 0.05])
     p.add_argument("--eval-samples", type=int, default=512)
     p.add_argument("--eval-seed", type=int, default=7)
     p.add_argument("--sample-metrics", nargs="*", default=[])
     p.add_argument("--device", default=None)
+    p.add_argument("--no-target-nfe", action="store_true", help="leave out the table for a target NFE")
     p.add_argument("--json", default=None)
     args = p.parse_args()
 
@@ -104,6 +113,27 @@ def main() -> None:
                 f"| {n} | {n}, {plain[n]['rms']:.3e} | {tol:g} | {k} ({choice.sigma:.3g}) | {n - k}, {res['rms']:.3e} "
                 f"| {need:.2f} | {saved:.2f} ({100 * saved / need:.0f} %) |"
             )
+    if not args.no_target_nfe and recipe.kind not in TELEPORT_SPACINGS:
+        print(f"\n(no table for a target NFE: a teleport schedule takes one of {TELEPORT_SPACINGS}, not {recipe.kind})")
+    elif not args.no_target_nfe:
+        results["target_nfe"] = {}
+        print(f"\nTeleport to the criterion's level, then N evaluations on {args.schedule} grids from there")
+        print("| NFE N | plain RMS | tolerance | level σ̃ | teleport RMS | plain NFE at that RMS | NFE saved |")
+        print("|---|---|---|---|---|---|---|")
+        for tol in args.tolerance:
+            tele = GaussianTeleport(stats, tolerance=tol)
+            level = tele.level_for(den, cond=bundle.draw(64, 99).cond)
+            results["target_nfe"][tol] = {"level": level.sigma}
+            for n in nfes:
+                options = {} if recipe.final is None else {"final": recipe.final}
+                sched = tele.schedule_for(den, n, spacing=recipe.kind, **options, **dict(recipe.options))
+                res = run(sched, tele)
+                need = nfe_for_error(nfes, [plain[m]["rms"] for m in nfes], res["rms"])
+                results["target_nfe"][tol][n] = {**res, "plain_nfe_at_error": need}
+                print(
+                    f"| {n} | {plain[n]['rms']:.3e} | {tol:g} | {level.sigma:.3g} | {res['rms']:.3e} | {need:.2f} "
+                    f"| {need - n:.2f} ({100 * (need - n) / need:.0f} %) |"
+                )
     if args.json:
         write_json({"args": vars(args), "reference": reference_description(), "results": results}, args.json)
 

@@ -4,9 +4,12 @@ from .gaussian import (
     GaussianDenoiser,
     GaussianTeleport,
     SkipChoice,
+    TeleportLevel,
     choose_skip,
     gaussian_flow,
     gaussian_posterior_mean,
+    teleport_level,
+    teleport_schedule,
 )
 from .statistics import GaussianStatistics, class_statistics, load_class_statistics, save_class_statistics
 
@@ -15,10 +18,13 @@ __all__ = [
     "GaussianStatistics",
     "GaussianTeleport",
     "SkipChoice",
+    "TeleportLevel",
     "choose_skip",
     "class_statistics",
     "gaussian_flow",
     "gaussian_posterior_mean",
     "load_class_statistics",
     "save_class_statistics",
+    "teleport_level",
+    "teleport_schedule",
 ]
