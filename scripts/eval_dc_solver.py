@@ -16,7 +16,8 @@ import argparse
 import time
 
 import diffsamplers
-from diffsamplers.apps.dc_report import DCEvaluation, evaluate_dc, format_tables
+from diffsamplers.apps.arguments import add_refine_validation_arguments
+from diffsamplers.apps.dc_report import REFINE_VALIDATION, DCEvaluation, evaluate_dc, format_tables
 from diffsamplers.apps.registry import describe_models, load_model
 from diffsamplers.apps.tables import write_json
 from diffsamplers.solvers import DCSolver, UniPC
@@ -34,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iterations", type=int, default=40)
     parser.add_argument(
         "--refine-iterations", type=int, default=0, help="also DC-Solver with the ratios refined jointly (Adam steps)"
+    )
+    add_refine_validation_arguments(
+        parser, REFINE_VALIDATION, "noises (seed --seed + 3) whose trajectory loss picks the refinement's iterate"
     )
     parser.add_argument("--reference-steps", type=int, default=1000)
     parser.add_argument("--schedule", default="linspace/sigma_min", help="schedule spec (default: the DC paper's grid)")
@@ -59,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
         reference_steps=args.reference_steps,
         iterations=args.iterations,
         refine_iterations=args.refine_iterations,
+        num_validation=args.refine_validation,
+        refine_patience=args.refine_patience or None,
+        refine_unvalidated=args.refine_unvalidated,
         ratio_dir=args.ratio_dir,
         batch_size=args.batch_size,
     )

@@ -5,7 +5,10 @@
 
 ``--model`` is any model spec of :mod:`diffsamplers.apps.registry` (``gmm``, ``gmm-cond``, ``digits``, a pipeline
 folder, or ``package.module:factory`` returning a ``ModelBundle``); ``--schedule`` a schedule spec. The ratios are
-written after every step; running the same command again resumes an interrupted search.
+written after every step; running the same command again resumes an interrupted search. ``--refine-iterations``
+refines the ratios jointly, keeping the iterate with the lowest trajectory loss on ``--refine-validation`` other
+noises (seed ``--refine-validation-seed``, by default ``--seed + 1``); ``--refine-unvalidated`` keeps the best
+iterate on the search noises themselves instead (it overfits them).
 """
 
 from __future__ import annotations
@@ -14,10 +17,11 @@ import argparse
 import sys
 import time
 
+from diffsamplers.apps.arguments import add_refine_validation_arguments
 from diffsamplers.apps.recipes import parse_schedule
 from diffsamplers.apps.registry import describe_models, load_model
 from diffsamplers.solvers import DCSolver, DPMSolverPlusPlus, UniPC
-from diffsamplers.tuning.dc_search import PAPER_DATAPOINTS, search_dc_ratios
+from diffsamplers.tuning.dc_search import ON_SEARCH_NOISES, PAPER_DATAPOINTS, search_dc_ratios
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         "--refine-iterations", type=int, default=0, help="then refine all ratios jointly on the trajectory (Adam steps)"
     )
     parser.add_argument("--refine-lr", type=float, default=0.02)
+    add_refine_validation_arguments(parser, 32, "validation noises whose trajectory loss picks the iterate")
+    parser.add_argument("--refine-validation-seed", type=int, default=None, help="their seed (default: --seed + 1)")
     parser.add_argument("--reference-steps", type=int, default=1000)
     parser.add_argument("--base", choices=["unipc", "dpmsolver++"], default="unipc")
     parser.add_argument("--order", type=int, default=2)
@@ -52,7 +58,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     base = UniPC(args.order, args.variant) if args.base == "unipc" else DPMSolverPlusPlus(args.order)
     solver = DCSolver(base=base, dc_order=args.dc_order)
-    draw = bundle.draw(args.datapoints, args.seed, args.guidance, device=args.device or bundle.device)
+    device = args.device or bundle.device
+    draw = bundle.draw(args.datapoints, args.seed, args.guidance, device=device)
+    refine: dict = {"refine_patience": args.refine_patience or None}
+    if args.refine_iterations > 0 and args.refine_unvalidated:
+        refine["refine_validation"] = ON_SEARCH_NOISES
+    elif args.refine_iterations > 0:
+        seed = args.seed + 1 if args.refine_validation_seed is None else args.refine_validation_seed
+        if seed == args.seed:
+            print("search_dc_ratios: error: the validation noises need a seed other than --seed", file=sys.stderr)
+            return 2
+        held_out = bundle.draw(args.refine_validation, seed, args.guidance, device=device)
+        refine.update(
+            refine_validation=held_out.x_T,
+            refine_validation_cond=held_out.cond,
+            refine_validation_uncond=held_out.uncond,
+        )
     start = time.perf_counter()
     try:
         result = search_dc_ratios(
@@ -70,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             bound=args.bound,
             refine_iterations=args.refine_iterations,
             refine_lr=args.refine_lr,
+            **refine,
             checkpoint=args.out,
             log=lambda line: print(line, flush=True),
         )

@@ -410,3 +410,23 @@ def add_sampler_arguments(
     parser.add_argument("--classes", type=class_labels, default=None, help=classes_help)
     parser.add_argument("--seed", type=seed, default=0, help="base seed (every sample index has its own seed)")
     parser.add_argument("--device", type=device, default=None, help="torch device, e.g. cpu or cuda:0")
+
+
+def add_refine_validation_arguments(parser: argparse.ArgumentParser, validation: int, validation_help: str) -> None:
+    """The DC ratio refinement's validation options, shared by the scripts that refine
+    (:func:`~diffsamplers.tuning.dc_search.search_dc_ratios`): ``--refine-validation`` (noises), ``--refine-patience``
+    and ``--refine-unvalidated``."""
+    from ..tuning.dc_search import REFINE_PATIENCE
+
+    parser.add_argument("--refine-validation", type=int, default=validation, help=validation_help)
+    parser.add_argument(
+        "--refine-patience",
+        type=int,
+        default=REFINE_PATIENCE,
+        help="stop after this many iterations without a lower validation loss (0: never)",
+    )
+    parser.add_argument(
+        "--refine-unvalidated",
+        action="store_true",
+        help="keep the best iterate on the search noises themselves (overfits them)",
+    )

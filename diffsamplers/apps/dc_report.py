@@ -12,7 +12,9 @@ sample's RMS error (:func:`diffsamplers.metrics.errors.error_summary`). The meth
   configurations (leave-one-out: the configuration scored was never searched for the fit), for NFEs inside the
   searched range (CPR interpolates; extrapolating a quadratic in the NFE is not meaningful), and for ``unseen``
   (NFE, scale) configurations off the grid, predicted from a fit on the whole grid;
-* optionally DC-Solver with the searched ratios refined jointly on the whole trajectory (``refine_iterations``);
+* optionally DC-Solver with the searched ratios refined jointly on the whole trajectory (``refine_iterations``;
+  the iterate kept by the trajectory loss on ``num_validation`` other noises, ``refine_unvalidated`` for the
+  unvalidated refinement that overfits the search noises);
 * optionally DC as a plug-in on DPM-Solver++ 2M.
 
 The model's sample metrics (FD-digits for the digits model) are reported next to the errors.
@@ -38,12 +40,14 @@ from ..solvers.dc_ratios import DCRatios, schedule_description
 from ..solvers.dc_solver import DCSolver
 from ..solvers.dpm_solver_pp import DPMSolverPlusPlus
 from ..solvers.unipc import UniPC
-from ..tuning.dc_search import PAPER_DATAPOINTS, search_dc_ratios
+from ..tuning.dc_search import ON_SEARCH_NOISES, PAPER_DATAPOINTS, REFINE_PATIENCE, search_dc_ratios
 from .recipes import parse_schedule
 from .registry import Draw, ModelBundle
 
 __all__ = ["DCEvaluation", "evaluate_dc", "format_tables", "SEARCHED", "REFINED"]
 
+#: The default number of validation noises of the joint refinement (drawn with seed ``seed + 3``).
+REFINE_VALIDATION = 32
 SEARCHED = "DC-Solver (searched)"
 REFINED = "DC-Solver (searched + joint refinement)"
 PLUG_IN = "DC on DPM-Solver++ 2M (searched)"
@@ -67,6 +71,9 @@ class DCEvaluation:
     reference_steps: int = REFERENCE_STEPS
     iterations: int = 40
     refine_iterations: int = 0
+    num_validation: int = REFINE_VALIDATION
+    refine_patience: int | None = REFINE_PATIENCE
+    refine_unvalidated: bool = False
     ratio_dir: str | os.PathLike | None = None
     batch_size: int | None = None
     sample_metrics: bool = True
@@ -91,6 +98,8 @@ class _Config:
     scored: Draw
     reference: torch.Tensor | None = None  # the reference's final samples of the scored noises
     search_reference: torch.Tensor | None = None  # the reference trajectory of the search noises
+    validation: Draw | None = None  # the joint refinement's validation noises
+    validation_reference: torch.Tensor | None = None  # and their reference trajectory
 
 
 @dataclass
@@ -177,7 +186,12 @@ def _configs(job: _Job) -> list[_Config]:
             for nfe, g in grid + extra
             if g == scale
         ]
-        for draw, keep_trajectory in ((scored, False), (search, True)):
+        validation = bundle.draw(settings.num_validation, settings.seed + 3, scale) if _validated(settings) else None
+        for c in group:
+            c.validation = validation
+        draws = [(scored, "reference"), (search, "search_reference")]
+        draws += [(validation, "validation_reference")] if validation is not None else []
+        for draw, attribute in draws:
             trajectories = reference_trajectories(
                 bundle.denoiser,
                 [c.schedule for c in group],
@@ -189,10 +203,7 @@ def _configs(job: _Job) -> list[_Config]:
                 batch_size=settings.batch_size,
             )
             for c, trajectory in zip(group, trajectories):
-                if keep_trajectory:
-                    c.search_reference = trajectory
-                else:
-                    c.reference = trajectory[-1]
+                setattr(c, attribute, trajectory[-1] if attribute == "reference" else trajectory)
         configs += group
     return configs
 
@@ -206,7 +217,25 @@ def _ratio_path(job: _Job, cfg: _Config, solver: DCSolver, refined: bool) -> Pat
     return folder / f"{job.bundle.name}_{solver.name}_nfe{cfg.nfe}_cfg{cfg.scale:g}.safetensors"
 
 
+def _validated(settings: DCEvaluation) -> bool:
+    """Whether the joint refinement runs with validation noises."""
+    return settings.refine_iterations > 0 and not settings.refine_unvalidated
+
+
 def _search(job: _Job, cfg: _Config, solver: DCSolver, refine: int = 0) -> DCRatios:
+    settings = job.settings
+    validation: dict[str, Any] = {}
+    if refine > 0:
+        validation["refine_patience"] = settings.refine_patience
+        if cfg.validation is None:
+            validation["refine_validation"] = ON_SEARCH_NOISES
+        else:
+            validation.update(
+                refine_validation=cfg.validation.x_T,
+                refine_validation_cond=cfg.validation.cond,
+                refine_validation_uncond=cfg.validation.uncond,
+                refine_validation_reference=cfg.validation_reference,
+            )
     return search_dc_ratios(
         job.bundle.denoiser,
         solver,
@@ -221,6 +250,7 @@ def _search(job: _Job, cfg: _Config, solver: DCSolver, refine: int = 0) -> DCRat
         iterations=job.settings.iterations,
         refine_iterations=refine,
         checkpoint=_ratio_path(job, cfg, solver, refined=refine > 0),
+        **validation,
     )
 
 
@@ -305,6 +335,12 @@ def _report(job: _Job, configs: list[_Config], rows: list[Row]) -> dict[str, Any
         "seed": settings.seed,
         "iterations": settings.iterations,
         "refine_iterations": settings.refine_iterations,
+        "refine_validation": (
+            None
+            if settings.refine_iterations == 0
+            else (settings.num_validation if _validated(settings) else ON_SEARCH_NOISES)
+        ),
+        "refine_patience": settings.refine_patience if settings.refine_iterations else None,
         "solver": job.solver.name,
         "baseline": job.baseline_name,
         "schedules": {str(c.nfe): schedule_description(c.schedule) for c in configs},

@@ -41,6 +41,14 @@ def test_search_fit_and_eval_scripts(tmp_path):
     bad = _run("search_dc_ratios.py", "--model", "gmm-cond", "--nfe", 5, "--out", tmp_path / "x.safetensors",
                "--datapoints", 4)  # fmt: skip
     assert bad.returncode == 2 and "needs at least 10 datapoints" in bad.stderr
+    # the joint refinement, validated on other seeded noises with their own labels
+    refined_out = tmp_path / "refined.safetensors"
+    r = _run("search_dc_ratios.py", "--model", "gmm-cond", "--nfe", 5, "--guidance", 3.0, "--out", refined_out,
+             "--iterations", 5, "--reference-steps", 200, "--refine-iterations", 3, "--refine-validation", 6)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    info = DCRatios.load(refined_out).search["refine"]
+    assert "joint refinement" in r.stdout and info["validation"]["datapoints"] == 6
+    assert info["validation_loss_after"] <= info["validation_loss_before"]
 
     cpr = tmp_path / "cpr.safetensors"
     r = _run("fit_cpr.py", *files, "--out", cpr, "--predict", 7, 2.0)
@@ -73,3 +81,5 @@ def test_search_fit_and_eval_scripts(tmp_path):
         refined.search["greedy_ratios"] == DCRatios.load(ratio_dir / "gmm_dc-unipc2-bh2_nfe6_cfg1.safetensors").ratios
     )
     assert refined.search["refine"]["done"] and refined.ratios == rows[1]["refined_ratios"]
+    assert refined.search["refine"]["validation"]["datapoints"] == 32
+    assert json.loads(report.read_text())["refine_validation"] == 32

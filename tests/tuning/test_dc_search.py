@@ -95,13 +95,44 @@ def test_guided_search_runs_through_the_guided_denoiser():
     x_T = torch.randn(10, 1, 4, 4, generator=torch.Generator().manual_seed(1))
     labels = torch.arange(10) % 3
     cond, uncond = {"class_labels": labels}, {"class_labels": torch.full_like(labels, 3)}
+    x_val = torch.randn(6, 1, 4, 4, generator=torch.Generator().manual_seed(2))
+    val_labels = torch.arange(6) % 3
+    val_cond, val_uncond = {"class_labels": val_labels}, {"class_labels": torch.full_like(val_labels, 3)}
+    guided = dict(cond=val_cond, uncond=val_uncond, guidance_scale=5.0)
+    val_ref = reference_trajectory(den, SCHEDULE, x_val, **guided)
     found = search_dc_ratios(
-        den, DCSolver(), SCHEDULE, x_T, model_id="mix", cond=cond, uncond=uncond, guidance_scale=5.0
+        den,
+        DCSolver(),
+        SCHEDULE,
+        x_T,
+        model_id="mix",
+        cond=cond,
+        uncond=uncond,
+        guidance_scale=5.0,
+        refine_iterations=3,
+        refine_validation=x_val,
+        refine_validation_cond=val_cond,
+        refine_validation_uncond=val_uncond,
+        refine_validation_reference=val_ref,
     )
     assert found.guidance_scale == 5.0 and found.search["reference_steps"] == 1000
     # the last iterate (as the paper takes it) need not beat ρ = 1 at every step, but it does overall
     before, after = found.search["loss_before"][2:], found.search["loss_after"][2:]
     assert after[-1] < before[-1] and sum(after) < sum(before)
+    # the validation loss is the guided trajectory loss of the validation datapoints with their own labels
+    info = found.search["refine"]
+    greedy = found.search["greedy_ratios"]
+    assert info["validation_loss_before"] == pytest.approx(
+        _trajectory_loss(greedy, x_val, val_ref, den, **guided), rel=1e-4
+    )
+    assert info["validation_loss_after"] == pytest.approx(
+        _trajectory_loss(found.ratios, x_val, val_ref, den, **guided), rel=1e-4
+    )
+    with pytest.raises(ValueError, match="the search has cond: give the validation datapoints' refine_validation_cond"):
+        search_dc_ratios(
+            den, DCSolver(), SCHEDULE, x_T, model_id="mix", cond=cond, uncond=uncond, refine_iterations=3,
+            refine_validation=x_val,
+        )  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -123,40 +154,137 @@ def test_bad_input(data, kwargs, error, message):
         search_dc_ratios(DEN, args.pop("solver"), SCHEDULE, args.pop("x_T"), model_id="gmm16", **args)
 
 
-def _trajectory_loss(ratios, x_T, ref):
+def _trajectory_loss(ratios, x_T, ref, den=DEN, **kw):
     """Σ_k MSE(x_k, x^GT_k) of a DC-Solver run, recorded with a callback (independent of the search code)."""
     states = []
-    sample(DEN, DCSolver(ratios), SCHEDULE, x_T=x_T, progress=False, callback=lambda info: states.append(info.x))
-    out = sample(DEN, DCSolver(ratios), SCHEDULE, x_T=x_T, progress=False)
+    sample(den, DCSolver(ratios), SCHEDULE, x_T=x_T, progress=False, callback=lambda info: states.append(info.x), **kw)
+    out = sample(den, DCSolver(ratios), SCHEDULE, x_T=x_T, progress=False, **kw)
     xs = [*states[1:], out]  # the callback sees x before each step: levels 1 … N − 1, then the final sample
     return sum(float((x - r).pow(2).mean()) for x, r in zip(xs, ref[1:]))
 
 
-def test_joint_refinement_lowers_the_trajectory_loss_it_reports(data, searched):
-    """The refinement starts from the greedy ratios, keeps the first dc_order at 1, and its reported losses are
-    the whole-trajectory loss of sampling with the greedy and the refined ratios."""
+@pytest.fixture(scope="module")
+def validation():
+    x_val = torch.randn(16, *GMM.sample_shape, generator=torch.Generator().manual_seed(1))
+    return x_val, reference_trajectory(DEN, SCHEDULE, x_val)
+
+
+def _refined(data, validation, **kw):
+    x_val, val_ref = validation
+    kw.setdefault("refine_iterations", 30)
+    return _search(data, refine_validation=x_val, refine_validation_reference=val_ref, **kw)
+
+
+def test_unvalidated_refinement_lowers_the_trajectory_loss_it_reports(data, searched):
+    """The opt-in unvalidated refinement (the best iterate on the search noises) starts from the greedy ratios,
+    keeps the first dc_order at 1, and its reported losses are the whole-trajectory loss of sampling with the
+    greedy and the refined ratios."""
     x_T, ref = data
-    refined = _search(data, refine_iterations=30)
+    refined = _search(data, refine_iterations=30, refine_validation="search", refine_patience=None)
     info = refined.search["refine"]
     assert refined.search["greedy_ratios"] == pytest.approx(searched.ratios, abs=1e-6)
     assert refined.ratios[:2] == [1.0, 1.0] and refined.ratios != refined.search["greedy_ratios"]
-    assert info["done"] and info["loss_after"] < info["loss_before"]
+    assert info["done"] and info["loss_after"] < info["loss_before"] and info["validation"] == "search"
     assert info["loss_before"] == pytest.approx(_trajectory_loss(searched.ratios, x_T, ref), rel=1e-4)
     assert info["loss_after"] == pytest.approx(_trajectory_loss(refined.ratios, x_T, ref), rel=1e-4)
+    assert (info["validation_loss_before"], info["validation_loss_after"]) == (info["loss_before"], info["loss_after"])
+    assert info["iterations_run"] == 30 and not info["stopped_early"]
 
 
-def test_joint_refinement_resumes_and_redoes_only_what_changed(data, tmp_path):
-    """A checkpoint with the greedy search complete is refined without searching again; asking for another
-    refinement restarts it from the stored greedy ratios; bad refinement settings are refused."""
+def test_validated_refinement_is_never_worse_than_greedy_on_its_validation_noises(data, validation, searched):
+    """The iterate kept is the one with the lowest trajectory loss on the validation noises, the greedy start
+    included; the record holds both losses on both sets (each the loss of sampling with those ratios), and the
+    validation reference is computed like the search's when not given."""
+    x_T, ref = data
+    x_val, val_ref = validation
+    refined = _refined(data, validation, refine_patience=None)
+    info = refined.search["refine"]
+    assert refined.search["greedy_ratios"] == pytest.approx(searched.ratios, abs=1e-6)
+    assert info["done"] and info["validation_loss_after"] <= info["validation_loss_before"]  # exactly: best-of
+    assert info["validation_loss_before"] == pytest.approx(_trajectory_loss(searched.ratios, x_val, val_ref), rel=1e-4)
+    assert info["validation_loss_after"] == pytest.approx(_trajectory_loss(refined.ratios, x_val, val_ref), rel=1e-4)
+    assert info["loss_before"] == pytest.approx(_trajectory_loss(searched.ratios, x_T, ref), rel=1e-4)
+    assert info["loss_after"] == pytest.approx(_trajectory_loss(refined.ratios, x_T, ref), rel=1e-4)
+    assert 0 <= info["best_iteration"] <= info["iterations_run"] == 30 and info["stopped_early"] is False
+    assert info["validation"]["datapoints"] == 16 and info["validation"]["reference_steps"] is None
+    assert info["patience"] is None and info["seconds"] > 0
+    if info["best_iteration"] == 0:
+        assert refined.ratios == refined.search["greedy_ratios"]
+    computed = _search(data, refine_iterations=30, refine_validation=x_val, refine_patience=None)
+    assert computed.search["refine"]["validation"]["reference_steps"] == 1000
+    assert computed.ratios == pytest.approx(refined.ratios, abs=1e-9)
+
+
+def test_refinement_stops_when_patience_runs_out(data, validation):
+    """Without a lower validation loss for ``refine_patience`` iterations the refinement stops; an overshooting
+    first step (huge learning rate) leaves the greedy ratios."""
+    overshoot = _refined(data, validation, refine_lr=5.0, refine_patience=1)
+    info = overshoot.search["refine"]
+    assert info["stopped_early"] and info["iterations_run"] == 1 and info["best_iteration"] == 0
+    assert overshoot.ratios == overshoot.search["greedy_ratios"]
+    assert info["validation_loss_after"] == info["validation_loss_before"]
+    # Adam's first steps are not monotone on the validation noises (lower at iteration 1, higher for a while):
+    # a small patience stops there, at an iterate that beats the greedy start
+    patient = _refined(data, validation, refine_iterations=200, refine_patience=3)
+    info = patient.search["refine"]
+    assert info["stopped_early"] and info["iterations_run"] == info["best_iteration"] + 3 < 200
+    assert info["validation_loss_after"] < info["validation_loss_before"]
+    assert patient.ratios != patient.search["greedy_ratios"]
+
+
+def test_refinement_resumes_and_redoes_only_what_changed(data, validation, tmp_path):
+    """A checkpoint with the greedy search complete is refined without searching again; the same refinement
+    resumes as done; other iterations or validation noises refine again from the stored greedy ratios; a file
+    refined before validation existed counts as the unvalidated refinement without early stopping."""
+    x_val, val_ref = validation
     path = tmp_path / "r.safetensors"
     greedy = _search(data, checkpoint=path)
-    refined = _search(data, checkpoint=path, refine_iterations=10)
+    refined = _refined(data, validation, checkpoint=path, refine_iterations=10)
     assert refined.search["greedy_ratios"] == greedy.ratios
     assert refined.search["loss_after"] == greedy.search["loss_after"]  # greedy losses kept, not re-searched
-    again = _search(data, checkpoint=path, refine_iterations=10)
-    assert again.ratios == refined.ratios
-    longer = _search(data, checkpoint=path, refine_iterations=20)
-    assert longer.search["greedy_ratios"] == greedy.ratios
-    assert longer.search["refine"]["loss_after"] <= refined.search["refine"]["loss_after"] + 1e-12
-    with pytest.raises(ValueError, match="refine_iterations >= 0"):
-        _search(data, refine_iterations=-1)
+    lines = []
+    again = _refined(data, validation, checkpoint=path, refine_iterations=10, log=lines.append)
+    assert again.ratios == refined.ratios and lines == []
+    longer = _refined(data, validation, checkpoint=path, refine_iterations=20, log=lines.append)
+    assert longer.search["greedy_ratios"] == greedy.ratios and lines[0].startswith("joint refinement")
+    info, shorter = longer.search["refine"], refined.search["refine"]
+    assert info["validation_loss_after"] <= shorter["validation_loss_after"] + 1e-12
+    other = _search(data, checkpoint=path, refine_iterations=20, refine_validation=x_val[:8])
+    assert other.search["refine"]["validation"]["data_fingerprint"] != info["validation"]["data_fingerprint"]
+    assert other.search["greedy_ratios"] == greedy.ratios
+    # a refinement recorded before validation existed: the same as refine_validation="search", no patience
+    old = _search(data, checkpoint=path, refine_iterations=10, refine_validation="search", refine_patience=None)
+    for key in ("validation", "patience", "validation_loss_before", "validation_loss_after", "best_iteration"):
+        del old.search["refine"][key]
+    old.save(path)
+    lines.clear()
+    resumed = _search(data, checkpoint=path, refine_iterations=10, refine_validation="search", refine_patience=None,
+                      log=lines.append)  # fmt: skip
+    assert resumed.ratios == old.ratios and lines == []
+    validated = _refined(data, validation, checkpoint=path, refine_iterations=10, log=lines.append)
+    assert validated.ratios == refined.ratios and len(lines) == 1
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(refine_iterations=-1), ValueError, "refine_iterations >= 0"),
+        (dict(refine_validation=None), ValueError, "needs validation noises: refine_validation="),
+        (
+            dict(refine_validation="train"),
+            ValueError,
+            "refine_validation must be a tensor of initial noise or 'search'",
+        ),
+        (dict(refine_validation=torch.randn(8, 16)), ValueError, r"x_T's sample shape \(1, 4, 4\).*got \(8, 16\)"),
+        (dict(refine_validation=torch.randn(8, 1, 4, 5)), ValueError, r"sample shape \(1, 4, 4\)"),
+        (dict(refine_validation=torch.randn(0, 1, 4, 4)), ValueError, "at least one sample"),
+        (dict(refine_validation_reference=torch.zeros(7, 3, 1, 4, 4)), ValueError, "refine_validation_reference must"),
+        (dict(refine_patience=0), ValueError, "refine_patience must be >= 1 or None"),
+    ],
+)
+def test_bad_refinement_input(data, kwargs, error, message):
+    """Refused before the greedy search starts."""
+    args = dict(refine_iterations=5, refine_validation=torch.randn(4, 1, 4, 4))
+    args.update(kwargs)
+    with pytest.raises(error, match=message):
+        _search(data, **args)
