@@ -48,7 +48,7 @@ SCHEDULE_SUFFIX = ".safetensors"
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from .compare import format_table, run_compare
+    from .compare import format_best_shipped, format_table, run_compare
     from .plots import plot_compare
 
     report = run_compare(
@@ -63,6 +63,9 @@ def _compare(args: argparse.Namespace) -> int:
     print(f"# model: {report['model']}; {report['num_samples']} samples, seed {report['seed']}")
     print(f"# process: {report['process']}; {report['start']}")
     print(format_table(report))
+    shipped = format_best_shipped(report)
+    if shipped:
+        print(shipped)
     _write_report(report, args, plot_compare)
     return 0
 
@@ -223,9 +226,11 @@ def _schedule_optimize(args: argparse.Namespace) -> int:
 
     if args.sigma_min is not None and args.sigma_max is not None and args.sigma_min >= args.sigma_max:
         raise ValueError(f"--sigma-min must be below --sigma-max, got {args.sigma_min:g} and {args.sigma_max:g}")
+    refinements = args.refinements if args.refinements is not None else (2 if args.objective == "klub" else 0)
     settings = AYSSettings(
         num_steps=args.nfe,
-        refinements=args.refinements,
+        refinements=refinements,
+        objective=args.objective,
         num_samples=args.num_samples,
         max_sweeps=args.max_sweeps,
         refine_sweeps=args.refine_sweeps,
@@ -243,6 +248,9 @@ def _schedule_optimize(args: argparse.Namespace) -> int:
         metric_samples=args.metric_samples,
         reference_steps=args.reference_steps,
         search_samples=args.search_samples,
+        final=args.final,
+        fit_samples=args.fit_samples,
+        outlier=args.outlier,
     )
     try:
         learned = optimize_for_model(
@@ -393,18 +401,32 @@ def _add_fid(sub: Any) -> None:
     fid_parser(_command(sub, "fid", "sharded, resumable FID / FD-digits of one sampler (= scripts/eval_fid.py)"))
 
 
+def _final_argument(p: Any) -> None:
+    from ..schedules.schedule import DEFAULT_FINAL, FINAL_ALIASES, FINAL_CONVENTIONS
+
+    p.add_argument(
+        "--final",
+        default=DEFAULT_FINAL,
+        choices=[*FINAL_CONVENTIONS, *FINAL_ALIASES],
+        help=f"the last level (default {DEFAULT_FINAL}: the last of n + 1 levels replaced by 0; append_zero: n levels, "
+        "then 0); replace and append are deprecated names of zero and append_zero",
+    )
+
+
 def _add_schedule_ays(cmds: Any) -> None:
     p = _command(cmds, "ays", "print a published Align Your Steps schedule for any number of steps")
     p.add_argument("--model", default="sd15", help=f"the published schedule's model: {', '.join(AYS_MODELS)}")
     p.add_argument("--steps", type=integer(), default=10, help="steps (the published 10 interpolated log-linearly)")
-    p.add_argument("--final", default="replace", choices=["replace", "append", "sigma_min"], help="the last level")
+    _final_argument(p)
     p.add_argument("--source", default=None, choices=["quickstart", "paper"], help="which published list")
     p.add_argument("--timesteps", action="store_true", help="also print integer timesteps for diffusers")
     set_command(p, _schedule_ays)
 
 
 def _add_schedule_optimize(cmds: Any) -> None:
-    p = _command(cmds, "optimize", "learn an Align Your Steps schedule (KLUB search) for a model")
+    from ..schedules.schedule import DEFAULT_FINAL, FINAL_CONVENTIONS
+
+    p = _command(cmds, "optimize", "learn an Align Your Steps schedule (KLUB or the solver's error) for a model")
     p.add_argument("--model", default="gmm", help=help_text(f"model: {describe_models()}"))
     p.add_argument(
         "--solver",
@@ -416,7 +438,35 @@ def _add_schedule_optimize(cmds: Any) -> None:
         ),
     )
     p.add_argument("--nfe", type=integer(2), default=10, help="steps of the first stage")
-    p.add_argument("--refinements", type=integer(0), default=2, help="subdivisions after the first stage (10→20→40)")
+    p.add_argument(
+        "--refinements",
+        type=integer(0),
+        default=None,
+        help="subdivisions after the first stage (default 2 with the KLUB, 10→20→40; 0 with --objective error)",
+    )
+    p.add_argument(
+        "--objective",
+        default="klub",
+        choices=["klub", "error"],
+        help="what the search minimises: the KLUB (the paper) or the solver's own error on --fit-samples noises "
+        "(the schedule then fits this NFE, the solver, --final and the solver's final_step as they will be run)",
+    )
+    p.add_argument(
+        "--fit-samples", type=integer(), default=256, help="--objective error: noises the error is fitted on"
+    )
+    p.add_argument(
+        "--final",
+        default=DEFAULT_FINAL,
+        choices=list(FINAL_CONVENTIONS),
+        help="how the schedule ends when the solver's error is measured (as it will be run)",
+    )
+    p.add_argument(
+        "--outlier",
+        type=positive_float,
+        default=20.0,
+        help="noises with more than this many times the median noise's error are left out of the error (boundary "
+        "noises of a mixture, where every few-step solver ends in another component)",
+    )
     schedule_file = output_file({SCHEDULE_SUFFIX}, "a learned schedule")
     add_output(p, "the learned schedule to write (.safetensors)", alias="--out", type=schedule_file, required=True)
     p.add_argument("--checkpoint", type=schedule_file, default=None, help="checkpoint file (default: next to --output)")
@@ -464,7 +514,7 @@ def _add_schedule_show(cmds: Any) -> None:
     p.add_argument(
         "--steps", type=integer(), default=None, help="also print the schedule interpolated to this many steps"
     )
-    p.add_argument("--final", default="replace", choices=["replace", "append", "sigma_min"], help="the last level")
+    _final_argument(p)
     _plot_argument(p, "write a plot of the schedule here (.png, .pdf, .svg, …)")
     set_command(p, _schedule_show, outputs=("plot",))
 

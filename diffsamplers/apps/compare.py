@@ -38,7 +38,9 @@ from ..models.gmm import GaussianMixture, default_flow_process, default_mixture,
 from ..noise import NoiseProcess
 from ..sampling import initial_noise, sample
 from ..solvers.dc_solver import DCSolver
+from ..teleport.statistics import GaussianStatistics
 from ..tuning.dc_search import PAPER_DATAPOINTS, search_dc_ratios
+from .best import best_recipes
 from .recipes import parse_schedule, parse_solver
 from .registry import GMM_FLOW_SCHEDULER_CONFIG, ModelBundle
 from .samplers import diffusers_scheduler, run_diffusers_scheduler
@@ -51,9 +53,12 @@ __all__ = [
     "SETTINGS",
     "Method",
     "Setting",
+    "network_bundle",
+    "run_method",
     "run_compare",
     "format_table",
     "best_by_nfe",
+    "format_best_shipped",
 ]
 
 DEFAULT_NFES = (5, 6, 8, 10, 15, 20, 50)
@@ -98,6 +103,12 @@ METHODS: tuple[tuple[str, str, str | None, str], ...] = (
         "dc-solver:search",
         "linspace",
         _GRID + ", ratios searched per NFE on 10 other noises (seed 12345)",
+    ),
+    (
+        "diffsamplers best (shipped)",
+        "best",
+        None,
+        "the recipe shipped for the model at each NFE (docs/few_step.md): chosen on held-out noises",
     ),
     ("DPM-Solver++ 2M, logSNR", "dpm++2m", "logsnr", "uniform logSNR, final σ = 0"),
     ("DPM-Solver++ 3M, logSNR", "dpm++3m", "logsnr", "uniform logSNR, final σ = 0"),
@@ -180,7 +191,7 @@ class Setting:
     start_description: str
 
 
-def _network_bundle(
+def network_bundle(
     name: str, gmm: GaussianMixture, process: NoiseProcess, prediction_type: str, config: dict[str, Any]
 ) -> ModelBundle:
     """The mixture as a network predicting ``prediction_type``, read through a plain :class:`Denoiser` (so our
@@ -190,6 +201,7 @@ def _network_bundle(
         denoiser=Denoiser(gmm.as_model(process, prediction_type), process, prediction_type),
         sample_shape=tuple(gmm.sample_shape),
         scheduler_config=dict(config),
+        gaussian_statistics=lambda: GaussianStatistics.from_gmm(gmm),
     )
 
 
@@ -198,7 +210,7 @@ def _vp_setting(gmm: GaussianMixture) -> Setting:
     config = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear"}
     return Setting(
         "gmm",
-        _network_bundle("gmm (ε-network)", gmm, process, "epsilon", config),
+        network_bundle("gmm (ε-network)", gmm, process, "epsilon", config),
         float(process.sigma_max),
         METHODS,
         "discrete VP, linear betas 1e-4..0.02, 1000 steps",
@@ -210,7 +222,7 @@ def _flow_setting(gmm: GaussianMixture) -> Setting:
     process = default_flow_process()
     return Setting(
         "gmm-flow",
-        _network_bundle("gmm-flow (velocity network)", gmm, process, "flow_prediction", GMM_FLOW_SCHEDULER_CONFIG),
+        network_bundle("gmm-flow (velocity network)", gmm, process, "flow_prediction", GMM_FLOW_SCHEDULER_CONFIG),
         math.inf,
         FLOW_METHODS,
         "rectified flow x_t = (1 − t) x0 + t ε, velocity network v = ε − x0 at timestep 1000·t "
@@ -234,12 +246,18 @@ def _in_repository(spec: str) -> str:
     return spec.replace(str(recipe.arg), str(found), 1) if found.is_file() else spec
 
 
-def _run(
+def run_method(
     method: Method, bundle: ModelBundle, nfe: int, x_T: torch.Tensor, model_id: str = "gmm"
 ) -> tuple[torch.Tensor, float] | None:
     """The method's final sample at ``nfe`` evaluations and its final noise level σ̃; ``None`` if it cannot spend
     exactly that many evaluations."""
     recipe = parse_solver(method.solver)
+    if recipe.is_best:
+        best = best_recipes(model_id).get(nfe)
+        if best is None:
+            return None
+        stats = bundle.gaussian_statistics() if bundle.gaussian_statistics else None
+        return best.sample(bundle.denoiser, x_T, stats, progress=False), best.sigmas[-1]
     if recipe.is_diffusers:
         scheduler = diffusers_scheduler(recipe, bundle)
         order = int(getattr(scheduler, "order", 1))
@@ -301,7 +319,7 @@ def run_compare(
     bar = tqdm(total=len(methods) * len(nfes), desc="compare", disable=not progress)
     for method in methods:
         for nfe in nfes:
-            result = _run(method, bundle, nfe, x_T, setting.name)
+            result = run_method(method, bundle, nfe, x_T, setting.name)
             method.errors[nfe] = None if result is None else rms_error(result[0], exact(result[1]))
             bar.update(1)
     bar.close()
@@ -326,6 +344,7 @@ def run_compare(
             }
             for m in methods
         ],
+        "best_shipped": {str(n): r.name for n, r in best_recipes(setting.name).items() if n in nfes},
         "versions": {"diffsamplers": __version__, "diffusers": diffusers.__version__, "torch": torch.__version__},
     }
 
@@ -341,6 +360,12 @@ def format_table(report: dict[str, Any]) -> str:
             cells.append(f"{'—':>10}" if v is None else f"{v:>10.2e}")
         lines.append(f"{m['name']:<{width}}" + "".join(cells))
     return "\n".join(lines)
+
+
+def format_best_shipped(report: dict[str, Any]) -> str:
+    """The shipped recipe behind the ``best`` row at each NFE (empty when the model has none)."""
+    shipped = report.get("best_shipped") or {}
+    return "\n".join(f"best shipped at NFE {n}: {name}" for n, name in shipped.items())
 
 
 def best_by_nfe(report: dict[str, Any]) -> dict[int, str]:

@@ -40,7 +40,7 @@ DEFAULT_METHODS: list[tuple[str, str, str]] = [
     ("DPM-Solver++ 3M", "dpm++3m", "linspace"),
     ("DPM-Solver++ 2S", "dpm++2s", "linspace"),
     ("DPM-Solver++ 2M, logSNR", "dpm++2m", "uniform_logsnr"),
-    ("DPM-Solver++ 2M, Karras", "dpm++2m", "karras"),
+    ("DPM-Solver++ 2M, Karras", "dpm++2m", "karras/append_zero"),
     ("UniPC (bh2), linspace→σ_min", "unipc", "linspace/sigma_min"),
     ("DC-Solver (CPR ratios), linspace→σ_min", "dc-solver", "linspace/sigma_min"),
     ("DPM-Solver++ 2M, linspace→σ_min", "dpm++2m", "linspace/sigma_min"),

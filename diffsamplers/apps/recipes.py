@@ -8,14 +8,22 @@ Solver specs — ``NAME[:OPTIONS][+ts[:OPTIONS]]``:
   folder (``dc_solver_cpr.safetensors``); ``dc-solver:PATH`` — ratios or a CPR fit from a file;
   ``dc-solver:search`` — ratios searched for the schedule at hand (the paper's search, on separate noises);
 * ``diffusers:SchedulerClass[:config=value,…]`` — one of diffusers' own schedulers, run the way pipelines run it;
-* ``+ts[:half_width=…,cutoff=…]`` after any of ours — the exposure-bias time shift around it.
+* ``best`` — the recipe shipped for the model at that NFE (solver, learned schedule, teleport, ratios:
+  :mod:`diffsamplers.apps.best`);
+* ``+ts[:half_width=…,cutoff=…]`` after any of ours — the exposure-bias time shift around it;
+* ``final_step=midpoint`` (or a number κ in [0, 1)) among any of our solvers' options — the last step to σ̃ = 0
+  taken as the probability-flow ODE's limit (:mod:`diffsamplers.solvers.final_step`), e.g. ``unipc:final_step=midpoint``,
+  ``dc-solver:search,final_step=midpoint``.
 
 Schedule specs — ``NAME[:OPTIONS][/FINAL]``: diffusers' ``linspace``, ``leading``, ``trailing``;
 ``uniform_time`` (``time``), ``uniform_logsnr`` (``logsnr``), ``karras[:rho=7]``, ``exponential``,
 ``beta[:a=0.6,b=0.6]``; ``ays:MODEL`` (a published Align Your Steps schedule: sd15, sdxl, svd, deepfloyd_if);
 ``learned:PATH`` or a ``.safetensors`` path (a learned schedule); ``sigmas:s0,s1,…`` (explicit levels);
 ``flow[:shift=S]`` (diffusers' DPM-Solver flow-matching grid, for rectified-flow models: :func:`flow_schedule`).
-``FINAL`` names the last level: ``zero``, ``sigma_min``, ``append_zero`` (and AYS's ``replace``, ``append``).
+``FINAL`` names the last level, the same for every kind (:data:`~diffsamplers.schedules.schedule.FINAL_CONVENTIONS`):
+``zero`` (the default: the last of n + 1 grid levels replaced by 0), ``sigma_min``, ``append_zero`` (n grid levels,
+then 0: k-diffusion's and diffusers' Karras/exponential/beta sigmas, e.g. ``karras/append_zero``); ``ays:`` and
+``learned:`` also take the deprecated ``replace`` (= ``zero``) and ``append`` (= ``append_zero``).
 
 Guidance specs — ``TERM[+TERM…]``, composed in order: a number is the classifier-free guidance scale (``7.5``);
 ``NAME[:k=v,…]`` a registered guidance (:data:`GUIDANCES`) with its options, built for the model it guides. A term's
@@ -45,7 +53,7 @@ from ..noise import RectifiedFlow
 from ..schedules.align_your_steps import align_your_steps
 from ..schedules.diffusers_compat import diffusers_grid
 from ..schedules.learned import LearnedSchedule
-from ..schedules.schedule import FINAL_CONVENTIONS, Schedule
+from ..schedules.schedule import DEFAULT_FINAL, FINAL_ALIASES, FINAL_CONVENTIONS, Schedule
 from ..schedules.spacing import build_schedule, from_sigmas
 from ..solvers.base import Solver
 from ..solvers.dc_cpr import load_ratio_source
@@ -104,6 +112,13 @@ SOLVERS: dict[str, Callable[..., Solver]] = {
     "unipc3": lambda **kw: UniPC(**{"order": 3, "variant": "bh2", **kw}),
 }
 
+#: The option every solver spec takes: how the last step to σ̃ = 0 is taken (:mod:`diffsamplers.solvers.final_step`),
+#: e.g. ``unipc:final_step=midpoint`` or ``dc-solver:search,final_step=0.45``.
+FINAL_STEP_OPTION = "final_step"
+
+#: The spec of a model's shipped best recipe per NFE (:mod:`diffsamplers.apps.best`).
+BEST = "best"
+
 #: DC-Solver's name in specs.
 DC_SOLVER = "dc-solver"
 #: Where a model folder ships the cascade polynomial regression that ``dc-solver`` uses.
@@ -124,7 +139,8 @@ SCHEDULES = {
     "exponential": "exponential",
     "beta": "beta",
 }
-_FINALS = (*FINAL_CONVENTIONS, "replace", "append")
+#: The ``/FINAL`` suffixes: the general final conventions (default ``zero``), then AYS's deprecated aliases.
+_FINALS = (*FINAL_CONVENTIONS, *FINAL_ALIASES)
 #: The flow-matching grid's name in specs, and the final levels diffusers offers for it.
 _FLOW = "flow"
 _FLOW_FINALS = ("zero", "sigma_min")
@@ -152,7 +168,8 @@ MASKED_SAMPLERS: dict[str, Callable[..., Any]] = {
 def describe_solvers() -> str:
     """The solver specs, for help texts and errors."""
     return (
-        f"{', '.join(SOLVERS)}, {DC_SOLVER}[:PATH|:search], {_DIFFUSERS}SchedulerClass; any of ours +ts[:options]; "
+        f"{', '.join(SOLVERS)}, {DC_SOLVER}[:PATH|:search], {BEST} (the model's shipped recipe per NFE), "
+        f"{_DIFFUSERS}SchedulerClass; any of ours +ts[:options] or :final_step=midpoint; "
         f"for masked (text) models {', '.join(MASKED_SAMPLERS)}"
     )
 
@@ -161,7 +178,7 @@ def describe_schedules() -> str:
     """The schedule specs, for help texts and errors."""
     return (
         f"{', '.join(SCHEDULES)}, ays:MODEL, learned:PATH, sigmas:s0,s1,…, {_FLOW}[:shift=S] (flow models); "
-        f"optional /FINAL ({', '.join(_FINALS)})"
+        f"optional /FINAL ({', '.join(FINAL_CONVENTIONS)}; default {DEFAULT_FINAL})"
     )
 
 
@@ -210,6 +227,11 @@ class SolverRecipe:
         return self.scheduler_class is not None
 
     @property
+    def is_best(self) -> bool:
+        """``best``: the model's shipped best recipe at the NFE (:mod:`diffsamplers.apps.best`)."""
+        return self.name == BEST
+
+    @property
     def is_masked(self) -> bool:
         """A sampler of masked (discrete) models (:data:`MASKED_SAMPLERS`)."""
         return self.name in MASKED_SAMPLERS
@@ -241,13 +263,24 @@ class SolverRecipe:
             raise ValueError(f"{self.spec!r} is a diffusers scheduler: run it with a diffusers loop, not as a solver")
         if self.is_masked:
             raise ValueError(f"{self.spec!r} samples masked (discrete) models such as --model text, not this one")
+        if self.is_best:
+            raise ValueError(f"{BEST!r} is a model's shipped recipe with its own schedule: sample it through the jobs")
         solver = self._dc_solver(nfe, guidance_scale, folder, search) if self.name == DC_SOLVER else self._registered()
+        if FINAL_STEP_OPTION in self.options:
+            if self.time_shift is not None:
+                raise ValueError(f"{self.spec!r}: the time shift (+ts) recomputes every update: no final_step with it")
+            solver = solver.with_final_step(self.options[FINAL_STEP_OPTION])
         if self.time_shift is not None:
             solver = _construct(lambda **kw: ExposureBiasTimeShift(solver, **kw), self.time_shift, self.spec)
         return solver
 
+    @property
+    def class_options(self) -> dict[str, Any]:
+        """The options passed to the solver's class (all but ``final_step``, which every solver takes)."""
+        return {k: v for k, v in self.options.items() if k != FINAL_STEP_OPTION}
+
     def _registered(self) -> Solver:
-        return _construct(SOLVERS[self.name], self.options, self.spec)
+        return _construct(SOLVERS[self.name], self.class_options, self.spec)
 
     def _dc_solver(
         self,
@@ -256,7 +289,7 @@ class SolverRecipe:
         folder: Path | None,
         search: Callable[[DCSolver], list[float] | None] | None,
     ) -> DCSolver:
-        solver = _construct(DCSolver, self.options, self.spec)
+        solver = _construct(DCSolver, self.class_options, self.spec)
         if self.ratios == "search":
             if search is None:
                 raise ValueError(f"{self.spec!r} searches its ratios for the schedule: this job cannot run a search")
@@ -315,11 +348,14 @@ def parse_solver(spec: str) -> SolverRecipe:
     time_shift = _options(ts_opts[1:], text) if ts else None
     name, _, arg = base.partition(":")
     if name == DC_SOLVER:
-        if arg and "=" not in arg:
-            return SolverRecipe(text, name, ratios=arg, time_shift=time_shift)
+        head, _, rest = arg.partition(",")
+        if head and "=" not in head:  # dc-solver:search[,options] or dc-solver:PATH[,options]
+            return SolverRecipe(text, name, _options(rest, text), ratios=head, time_shift=time_shift)
         return SolverRecipe(text, name, _options(arg, text), time_shift=time_shift)
     if name in MASKED_SAMPLERS and not ts:
         return SolverRecipe(text, name, _options(arg, text))
+    if name == BEST and not arg and not ts:
+        return SolverRecipe(text, name)
     if name not in SOLVERS:
         raise ValueError(f"unknown solver {spec!r}: expected {describe_solvers()}")
     return SolverRecipe(text, name, _options(arg, text), time_shift=time_shift)
@@ -367,15 +403,18 @@ class ScheduleRecipe:
             )
         if self.kind == "ays":
             return align_your_steps(
-                str(self.arg), steps, final=self.final or "replace", process=process, **self.options
+                str(self.arg), steps, final=self.final or DEFAULT_FINAL, process=process, **self.options
             )
         if self.kind == "learned":
             path = Path(str(self.arg))
             if not path.is_file():
                 raise FileNotFoundError(f"schedule {self.spec!r}: no learned schedule file {path}")
-            return LearnedSchedule.load(path).schedule(steps, final=self.final or "replace", process=process)
-        if self.final in ("replace", "append"):
-            raise ValueError(f"schedule {self.spec!r}: /{self.final} is for ays: and learned: schedules")
+            return LearnedSchedule.load(path).schedule(steps, final=self.final or DEFAULT_FINAL, process=process)
+        if self.final in FINAL_ALIASES:
+            raise ValueError(
+                f"schedule {self.spec!r}: /{self.final} is for ays: and learned: schedules (deprecated there too): "
+                f"use /{FINAL_ALIASES[self.final]}"
+            )
         if self.options:
             from ..schedules.spacing import SPACINGS
 

@@ -21,6 +21,7 @@ from ..metrics.shards import sample_seed
 from ..rng import NoiseSource
 from ..sampling import initial_noise, sample
 from ..step import Guidance
+from .best import best_recipe
 from .recipes import SolverRecipe, parse_schedule, parse_solver
 from .registry import ModelBundle
 
@@ -123,11 +124,20 @@ def make_sampler(
             return run_diffusers_scheduler(scheduler, bundle.denoiser.model, steps, x, cond, uncond, guidance_scale)
 
     else:
-        sched = parse_schedule(schedule or bundle.default_schedule).build(process, steps)
-        built = recipe.build(nfe=steps, guidance_scale=guidance_scale, folder=bundle.folder)
+        if recipe.is_best:  # the shipped recipe carries its own schedule (and teleport, and ratios)
+            best = best_recipe(bundle.name, steps)
+            sched, built = best.schedule(bundle.denoiser), best.build_solver()
+            stats = bundle.gaussian_statistics() if best.teleport and bundle.gaussian_statistics else None
+            start_sigma = best.initial_sigma(bundle.denoiser)
+        else:
+            sched = parse_schedule(schedule or bundle.default_schedule).build(process, steps)
+            built = recipe.build(nfe=steps, guidance_scale=guidance_scale, folder=bundle.folder)
+            best, stats, start_sigma = None, None, float(sched.sigmas[0])
 
         def run(noise: NoiseSource, n: int, cond: Cond, uncond: Cond) -> torch.Tensor:
-            x_T = initial_noise(process, sched.sigmas[0], (n, *shape), noise, device=device)
+            x_T = initial_noise(process, start_sigma, (n, *shape), noise, device=device)
+            if best is not None:
+                x_T = best.start(bundle.denoiser, x_T, stats)
             return sample(
                 bundle.denoiser,
                 built,

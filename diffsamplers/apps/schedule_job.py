@@ -17,7 +17,7 @@ from typing import Any
 from ..noise import NoiseProcess
 from ..reference import REFERENCE_STEPS
 from ..schedules.learned import LearnedSchedule
-from ..schedules.schedule import Schedule
+from ..schedules.schedule import DEFAULT_FINAL, Schedule
 from ..schedules.spacing import karras, uniform_logsnr, uniform_time
 from ..tuning.ays_optimizer import AYSSettings, optimize_schedule, schedule_bounds
 from ..tuning.dc_schedule_metric import SearchedDCErrorMetric
@@ -33,26 +33,37 @@ __all__ = ["StoppingRule", "comparison_schedules", "optimize_for_model"]
 @dataclass(frozen=True)
 class StoppingRule:
     """The first stage's early-stopping signal: ``solver``'s error on ``metric_samples`` held-out noises (seed
-    ``metric_seed``) against their reference; ``dc-solver:search`` searches ratios on ``search_samples`` others."""
+    ``metric_seed``) against their reference, with the schedule ending by ``final`` as it will be run (the solver
+    spec's ``final_step`` included); ``dc-solver:search`` searches ratios on ``search_samples`` others. With the
+    settings' ``objective="error"`` the search itself minimises the same error on ``fit_samples`` other noises (seed
+    ``fit_seed``); both leave out samples with more than ``outlier`` times the median sample's error
+    (:class:`~diffsamplers.tuning.solver_error.SolverErrorMetric`)."""
 
     solver: str = "dpm++2m"
     metric_samples: int = 256
     metric_seed: int = 1_000_003
     reference_steps: int = REFERENCE_STEPS
     search_samples: int = PAPER_DATAPOINTS
+    final: str = DEFAULT_FINAL
+    fit_samples: int = 256
+    fit_seed: int = 2_000_003
+    outlier: float | None = 20.0
 
 
-def stopping_metric(bundle: ModelBundle, rule: StoppingRule, device: str) -> SolverErrorMetric:
-    """The solver's RMS error as a function of the schedule's levels (see :class:`StoppingRule`)."""
+def stopping_metric(
+    bundle: ModelBundle, rule: StoppingRule, device: str, samples: int | None = None, seed: int | None = None
+) -> SolverErrorMetric:
+    """The solver's RMS error as a function of the schedule's levels (see :class:`StoppingRule`), on
+    ``samples`` noises of ``seed`` (default: the rule's held-out ones)."""
     if rule.reference_steps <= 0:
         raise ValueError("the early-stopping metric needs a reference: reference_steps must be > 0")
-    held_out = validation_set(
-        bundle, rule.metric_samples, rule.metric_seed, device=device, reference_steps=rule.reference_steps
-    )
+    samples = rule.metric_samples if samples is None else samples
+    seed = rule.metric_seed if seed is None else seed
+    held_out = validation_set(bundle, samples, seed, device=device, reference_steps=rule.reference_steps)
     assert held_out.reference is not None
     recipe = parse_solver(rule.solver)
     if recipe.searches_ratios:
-        search = bundle.draw(rule.search_samples, rule.metric_seed + 7, device=device)
+        search = bundle.draw(rule.search_samples, seed + 7, device=device)
         return SearchedDCErrorMetric(
             bundle.denoiser,
             recipe.build(search=lambda _solver: None),  # the metric searches the ratios for every schedule
@@ -63,9 +74,18 @@ def stopping_metric(bundle: ModelBundle, rule: StoppingRule, device: str) -> Sol
             cond_search=search.cond,
             reference_steps=rule.reference_steps,
             cond=held_out.cond,
+            final=rule.final,
         )
     solver = recipe.build(nfe=None, folder=bundle.folder)
-    return SolverErrorMetric(bundle.denoiser, solver, held_out.x_T, held_out.reference, cond=held_out.cond)
+    return SolverErrorMetric(
+        bundle.denoiser,
+        solver,
+        held_out.x_T,
+        held_out.reference,
+        cond=held_out.cond,
+        final=rule.final,  # type: ignore[arg-type]
+        outlier=rule.outlier,
+    )
 
 
 def optimize_for_model(
@@ -92,6 +112,15 @@ def optimize_for_model(
     rule = rule or StoppingRule()
     run_device = device or "cpu"
     metric = stopping_metric(bundle, rule, run_device)
+    objective = None
+    if settings.objective == "error":
+        if rule.fit_seed == rule.metric_seed:
+            raise ValueError("the fitting noises must differ from the held-out ones: fit_seed equals metric_seed")
+        objective = stopping_metric(bundle, rule, run_device, rule.fit_samples, rule.fit_seed)
+        if isinstance(objective, SolverErrorMetric):
+            objective.fixed_outliers = True  # the fit pays for the noises it sends astray
+        if isinstance(metric, SolverErrorMetric):
+            metric.fixed_outliers = False  # a chance flip of one held-out noise does not end the search
     out = Path(out)
     describe = {
         "model": model,
@@ -99,6 +128,8 @@ def optimize_for_model(
         "nfe": int(nfe),
         "seed": settings.seed,
         "metric_samples": rule.metric_samples,
+        "final": rule.final,
+        **({"fit_samples": rule.fit_samples, "outlier": rule.outlier} if objective is not None else {}),
         **({"search_samples": rule.search_samples} if isinstance(metric, SearchedDCErrorMetric) else {}),
     }
     learned = optimize_schedule(
@@ -111,6 +142,7 @@ def optimize_for_model(
         describe=describe,
         device=run_device,
         log=log,
+        objective=objective,
     )
     learned.metadata["metric"] = f"RMS error of {rule.solver} vs the {rule.reference_steps}-step reference"
     learned.save(out)
@@ -129,7 +161,8 @@ def _plot(bundle: ModelBundle, learned: LearnedSchedule, n: int, path: str | Pat
         "Karras ρ=7": karras(process, n, final="sigma_min").sigmas,
     }
     stages = {"AYS learned" + (f", stage {i + 1}" if i else ""): v for i, v in enumerate(learned.stages.values())}
-    plot_schedules(path, {**stages, **baselines}, learned.metadata["klub_history"], f"AYS learned: {model}")
+    history = learned.metadata.get("klub_history") or learned.metadata.get("objective_history", [])
+    plot_schedules(path, {**stages, **baselines}, history, f"AYS learned: {model}")
 
 
 def comparison_schedules(
@@ -142,7 +175,7 @@ def comparison_schedules(
     return {
         "uniform time": lambda n: uniform_time(process, n),
         "uniform logSNR": lambda n: uniform_logsnr(process, n),
-        "Karras ρ=7 (σ_min, then 0)": lambda n: karras(process, n),
+        "Karras ρ=7 (σ_min, then 0)": lambda n: karras(process, n, final="append_zero"),
         "Karras ρ=7 (last → 0)": lambda n: karras(process, n, final="zero"),
         "AYS learned at this NFE": lambda n: learned[n].schedule(n),
         f"AYS learned {stages_of_10}, interpolated": lambda n: learned[10].schedule(n),

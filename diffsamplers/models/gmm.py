@@ -68,6 +68,9 @@ class GaussianMixture:
             raise ValueError("covariance eigenvalues must be non-negative")
         if not torch.isclose(self.weights.sum(), torch.tensor(1.0, dtype=self.weights.dtype)):
             raise ValueError(f"mixture weights must sum to 1, got {float(self.weights.sum())}")
+        eye = torch.eye(d, dtype=self.eigvecs.dtype)
+        #: Diagonal covariances (every eigenbasis the identity): the denoiser skips the d × d rotations.
+        self.axis_aligned = bool(torch.equal(self.eigvecs, eye.expand(k, d, d)))
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
@@ -113,6 +116,34 @@ class GaussianMixture:
         logits = 0.3 * torch.randn(num_components, generator=g, dtype=torch.float64)
         return cls(means, eigvals, eigvecs, torch.softmax(logits, 0), tuple(sample_shape))
 
+    @classmethod
+    def isotropic(
+        cls,
+        dim: int,
+        num_components: int,
+        std: float,
+        std_spread: tuple[float, float] = (0.7, 1.0),
+        mean_scale: float = 0.5,
+        seed: int = 0,
+        sample_shape: Sequence[int] | None = None,
+    ) -> GaussianMixture:
+        """A generated mixture of isotropic components, equally weighted: means ``mean_scale``·N(0, I) and
+        component k's standard deviation ``std``·U(``std_spread``) — the kind of mixture a new user writes down
+        (e.g. d = 768, 10 components, std 0.15·U(0.7, 1), means 0.5·N(0, I))."""
+        if dim < 1 or num_components < 1 or not std > 0 or not 0 < std_spread[0] <= std_spread[1]:
+            raise ValueError(
+                f"need dim, num_components >= 1, std > 0 and 0 < spread low <= high; got {dim}, {num_components}, "
+                f"{std}, {std_spread}"
+            )
+        g = torch.Generator().manual_seed(seed)
+        means = mean_scale * torch.randn(num_components, dim, generator=g, dtype=torch.float64)
+        lo, hi = std_spread
+        stds = std * (lo + (hi - lo) * torch.rand(num_components, generator=g, dtype=torch.float64))
+        eigvals = (stds**2)[:, None].expand(num_components, dim).clone()
+        eigvecs = torch.eye(dim, dtype=torch.float64).expand(num_components, dim, dim).clone()
+        weights = torch.full((num_components,), 1.0 / num_components, dtype=torch.float64)
+        return cls(means, eigvals, eigvecs, weights, tuple(sample_shape or (dim,)))
+
     @property
     def dim(self) -> int:
         return int(self.means.shape[1])
@@ -123,7 +154,8 @@ class GaussianMixture:
     ) -> torch.Tensor:
         comp = torch.multinomial(self.weights, n, replacement=True, generator=generator)
         z = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
-        x = self.means[comp] + torch.einsum("nde,ne->nd", self.eigvecs[comp], self.eigvals[comp].sqrt() * z)
+        scaled = self.eigvals[comp].sqrt() * z
+        x = self.means[comp] + (scaled if self.axis_aligned else torch.einsum("nde,ne->nd", self.eigvecs[comp], scaled))
         return x.reshape(n, *self.sample_shape).to(dtype)
 
     def denoise(
@@ -143,16 +175,20 @@ class GaussianMixture:
         work = compute_dtype(x.dtype)
         b = x.shape[0]
         flat = x.reshape(b, -1).to(work)
-        means, eigvals, eigvecs = (t.to(device=x.device, dtype=work) for t in (self.means, self.eigvals, self.eigvecs))
+        means, eigvals = (t.to(device=x.device, dtype=work) for t in (self.means, self.eigvals))
+        eigvecs = None if self.axis_aligned else self.eigvecs.to(device=x.device, dtype=work)
         log_w = (self.weights.log() if log_weights is None else log_weights).to(device=x.device, dtype=work)
         a = alpha.to(work).reshape(b, 1, 1) if isinstance(alpha, torch.Tensor) else alpha
         s = sigma.to(work).reshape(b, 1, 1) if isinstance(sigma, torch.Tensor) else sigma
         centred = flat[:, None, :] - a * means[None]  # (B, K, d)
-        z = torch.einsum("bkd,kde->bke", centred, eigvecs)  # coordinates in each eigenbasis
+        # coordinates in each eigenbasis
+        z = centred if self.axis_aligned else torch.einsum("bkd,kde->bke", centred, eigvecs)
         var = a * a * eigvals[None] + s * s  # (B or 1, K, d)
         log_lik = -0.5 * (z * z / var + torch.log(var)).sum(-1) + log_w  # (B, K)
         resp = torch.softmax(log_lik, dim=1)
-        shrunk = torch.einsum("bke,kde->bkd", (a * eigvals[None] / var) * z, eigvecs)
+        shrunk = (a * eigvals[None] / var) * z
+        if not self.axis_aligned:
+            shrunk = torch.einsum("bke,kde->bkd", shrunk, eigvecs)
         x0 = torch.einsum("bk,bkd->bd", resp, means[None] + shrunk)
         return x0.reshape(x.shape)
 

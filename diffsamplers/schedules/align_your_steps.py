@@ -15,14 +15,18 @@ index. Two published sources disagree slightly, so both are kept:
   3.5e-3 (0.2 %), e.g. 3.861 against σ̃(736) = 3.8637, and SD 1.5's 0.399 lies at timestep 124.56, not 124.
   DeepFloyd IF is only in the paper.
 
-The last noise level (σ_min of the model) is handled by a named convention, ``final``:
+The last noise level (σ_min of the model) follows the package's final-step policy
+(:data:`~diffsamplers.schedules.schedule.FINAL_CONVENTIONS`), with the same names as every other schedule:
 
-* ``"replace"`` (default): interpolate to n + 1 levels and replace the last by 0 — the quickstart's, ComfyUI's
+* ``"zero"`` (default): interpolate to n + 1 levels and replace the last by 0 — the quickstart's, ComfyUI's
   and diffusers' convention. At n = 10 it visits exactly the paper's optimised levels, and every model
   evaluation lies on the optimised curve.
-* ``"append"``: interpolate to n levels, keep σ_min and append 0 (AUTOMATIC1111's AYS scheduler): the last
+* ``"append_zero"``: interpolate to n levels, keep σ_min and append 0 (AUTOMATIC1111's AYS scheduler): the last
   step runs from σ_min to 0, so the optimised 10-step grid is *not* reproduced at n = 10.
 * ``"sigma_min"``: interpolate to n + 1 levels and stop at σ_min (the paper's own endpoint).
+
+The former names ``"replace"`` (= ``"zero"``) and ``"append"`` (= ``"append_zero"``) are still accepted, with a
+``DeprecationWarning``; the schedule's ``metadata["final"]`` is always the general name.
 
 The same interpolation serves learned schedules (:mod:`diffsamplers.tuning.ays_optimizer`).
 """
@@ -35,7 +39,7 @@ from typing import Literal
 import numpy as np
 
 from ..noise import DiscreteVP, NoiseProcess, VarianceExploding
-from .schedule import Schedule
+from .schedule import FINAL_CONVENTIONS, Schedule, check_final
 from .spacing import check_num_steps
 
 __all__ = [
@@ -52,10 +56,11 @@ __all__ = [
     "schedule_from_levels",
 ]
 
-AysFinal = Literal["replace", "append", "sigma_min"]
-AYS_FINALS = ("replace", "append", "sigma_min")
-#: The package's general final-level names (:data:`diffsamplers.schedules.FINAL_CONVENTIONS`) mapped to these.
-_FINAL_ALIASES = {"zero": "replace", "append_zero": "append"}
+#: A final convention: the general names, or the deprecated ``"replace"`` / ``"append"`` (``"zero"`` /
+#: ``"append_zero"``).
+AysFinal = Literal["zero", "append_zero", "sigma_min", "replace", "append"]
+#: The final conventions of Align Your Steps and learned schedules: the package's general ones.
+AYS_FINALS = FINAL_CONVENTIONS
 
 
 @dataclass(frozen=True)
@@ -213,29 +218,23 @@ def loglinear_interpolation(levels: object, num_points: int) -> np.ndarray:
     return out
 
 
-def _final(final: str) -> str:
-    f = _FINAL_ALIASES.get(final, final)
-    if f not in AYS_FINALS:
-        raise ValueError(f"unknown final convention {final!r}: expected one of {AYS_FINALS}")
-    return f
-
-
 def schedule_from_levels(
     levels: object,
     num_steps: int,
-    final: AysFinal = "replace",
+    final: AysFinal = "zero",
     process: NoiseProcess | None = None,
     **metadata: object,
 ) -> Schedule:
-    """A ``num_steps`` schedule by log-linear interpolation of ``levels`` with the ``final`` convention."""
-    fin = _final(final)
+    """A ``num_steps`` schedule by log-linear interpolation of ``levels`` with the ``final`` convention
+    (module docstring; default ``"zero"``)."""
+    fin = check_final(final, aliases=True)
     arr = check_levels(levels)
     n = check_num_steps(num_steps, process, extra_levels=int(fin == "sigma_min"))
-    if fin == "append":
+    if fin == "append_zero":
         sigmas = np.concatenate([loglinear_interpolation(arr, n) if n >= 2 else arr[:1], [0.0]])
     else:
         grid = loglinear_interpolation(arr, n + 1)
-        sigmas = np.concatenate([grid[:-1], [0.0]]) if fin == "replace" else grid
+        sigmas = np.concatenate([grid[:-1], [0.0]]) if fin == "zero" else grid
     sched = Schedule(sigmas, metadata={"spacing": "align_your_steps", "final": fin, **metadata})
     return sched.check_range(process) if process is not None else sched
 
@@ -243,7 +242,7 @@ def schedule_from_levels(
 def align_your_steps(
     model: str,
     num_steps: int = 10,
-    final: AysFinal = "replace",
+    final: AysFinal = "zero",
     source: Literal["quickstart", "paper"] | None = None,
     process: NoiseProcess | None = None,
 ) -> Schedule:

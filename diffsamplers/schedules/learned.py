@@ -18,7 +18,7 @@ import torch
 from ..artifacts import load_artifact, save_artifact
 from ..noise import NoiseProcess
 from .align_your_steps import AysFinal, check_levels, schedule_from_levels
-from .schedule import Schedule
+from .schedule import Schedule, check_final
 
 __all__ = ["LearnedSchedule"]
 
@@ -54,14 +54,15 @@ class LearnedSchedule:
         """The optimised levels of a stage (default: the finest)."""
         return self.finest if num_steps is None else self.stages[int(num_steps)]
 
-    def schedule(self, num_steps: int, final: AysFinal = "replace", process: NoiseProcess | None = None) -> Schedule:
-        """A ``num_steps`` schedule: a stage's own levels when it has that many steps, else the finest stage
-        interpolated log-linearly; the last level follows ``final`` (see
-        :mod:`diffsamplers.schedules.align_your_steps`)."""
-        levels = self.stages.get(int(num_steps)) if final != "append" else None
+    def schedule(self, num_steps: int, final: AysFinal = "zero", process: NoiseProcess | None = None) -> Schedule:
+        """A ``num_steps`` schedule: a stage's own levels when it has that many steps (``"zero"``,
+        ``"sigma_min"``), else the finest stage interpolated log-linearly; the last level follows ``final``, the
+        package's final-step policy (default ``"zero"``; see :mod:`diffsamplers.schedules.align_your_steps`)."""
+        fin = check_final(final, aliases=True)
+        levels = self.stages.get(int(num_steps)) if fin != "append_zero" else None
         source = levels if levels is not None else self.finest
         meta = {k: self.metadata[k] for k in ("model", "solver") if k in self.metadata}
-        return schedule_from_levels(source, num_steps, final, process, source="learned", **meta)
+        return schedule_from_levels(source, num_steps, fin, process, source="learned", **meta)
 
     # -- files ----------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -9,14 +10,43 @@ import numpy as np
 
 from ..noise import NoiseProcess
 
-__all__ = ["Schedule", "FINAL_CONVENTIONS"]
+__all__ = ["Schedule", "DEFAULT_FINAL", "FINAL_ALIASES", "FINAL_CONVENTIONS", "check_final"]
 
-#: How a schedule ends.
-#: ``"zero"``: the last of the n+1 grid points is replaced by σ̃ = 0 (diffusers' ``final_sigmas_type="zero"``
-#: for linspace/leading/trailing spacing, ComfyUI's AYS);
-#: ``"sigma_min"``: the grid is kept and sampling stops at the smallest grid noise level (official DPM-Solver);
-#: ``"append_zero"``: n grid points, then σ̃ = 0 appended (k-diffusion, diffusers' Karras/exponential sigmas).
+#: How a schedule ends — one policy for every builder (the spacings of :mod:`~diffsamplers.schedules.spacing`,
+#: diffusers' spacings, Align Your Steps, learned schedules). An n-step schedule is built on a grid from σ_max
+#: to σ_min and then:
+#:
+#: * ``"zero"`` (**the default everywhere**, :data:`DEFAULT_FINAL`): the grid has n + 1 points and its last one is
+#:   replaced by σ̃ = 0. All n model evaluations lie on the grid and the last step jumps from the n-th grid level
+#:   to 0 — diffusers' DPM-Solver/UniPC ``final_sigmas_type="zero"`` on its linspace grid, the Align Your Steps
+#:   lists of the authors' quickstart, ComfyUI and diffusers (n = 10 visits exactly the published levels);
+#: * ``"sigma_min"``: the n + 1 grid points are kept and sampling stops at σ_min, the smallest grid level
+#:   (official DPM-Solver; the Align Your Steps paper's endpoint);
+#: * ``"append_zero"``: the grid has n points, σ_min among them, and σ̃ = 0 is appended, so the last step runs
+#:   from σ_min to 0 (k-diffusion, diffusers' Karras/exponential/beta/Lu sigmas, AUTOMATIC1111's AYS). To
+#:   reproduce those, pass ``final="append_zero"`` (spec suffix ``/append_zero``) explicitly.
 FINAL_CONVENTIONS = ("zero", "sigma_min", "append_zero")
+#: The final convention of every builder unless told otherwise.
+DEFAULT_FINAL = "zero"
+#: Deprecated names of Align Your Steps and learned schedules, still accepted there: their general names.
+FINAL_ALIASES = {"replace": "zero", "append": "append_zero"}
+
+
+def check_final(final: object, aliases: bool = False) -> str:
+    """The general name of a final convention (:data:`FINAL_CONVENTIONS`); ``ValueError`` naming the options
+    for anything else. ``aliases=True`` also accepts the deprecated names of :data:`FINAL_ALIASES` (with a
+    ``DeprecationWarning``) and maps them to the general ones."""
+    if aliases and isinstance(final, str) and final in FINAL_ALIASES:
+        general = FINAL_ALIASES[final]
+        warnings.warn(f"final convention {final!r} is deprecated: use {general!r}", DeprecationWarning, stacklevel=3)
+        return general
+    if final not in FINAL_CONVENTIONS:
+        expected = f"expected one of {FINAL_CONVENTIONS}"
+        if aliases:
+            expected += " (deprecated: " + ", ".join(f"{k!r} for {v!r}" for k, v in FINAL_ALIASES.items()) + ")"
+        raise ValueError(f"unknown final convention {final!r}: {expected}")
+    return str(final)
+
 
 #: Slack on the trained noise range: published lists are rounded (Align Your Steps gives 14.615 and 0.029
 #: for SD's 14.6146 and 0.02917), while a real mismatch (EDM's σ = 80 on SD) is far outside.

@@ -1,7 +1,14 @@
 """Step schedules: which noise levels to visit.
 
 Each builder returns a :class:`Schedule` of ``num_steps + 1`` noise levels σ̃ (EDM units) for a noise
-process, ending by one of the conventions in :data:`FINAL_CONVENTIONS`:
+process, ending by one of the conventions in :data:`~diffsamplers.schedules.schedule.FINAL_CONVENTIONS`.
+
+**Final-step policy** (the same for every builder here, for Align Your Steps and for learned schedules):
+``final="zero"`` by default — the (n + 1)-point grid from σ_max to σ_min with its last level replaced by 0, so
+every one of the n model evaluations lies on the grid and the last step jumps from the n-th grid level to 0
+(diffusers' DPM-Solver/UniPC ``final_sigmas_type="zero"``, the published AYS lists). ``"sigma_min"`` keeps the
+n + 1 grid points and stops at σ_min; ``"append_zero"`` builds an n-point grid and appends 0 (k-diffusion and
+diffusers' Karras/exponential/beta sigmas: pass it explicitly to reproduce those).
 
 * :func:`uniform_time` — uniform in the process time t (DPM-Solver's ``time_uniform``);
 * :func:`uniform_logsnr` — uniform in λ = log(α/σ) (DPM-Solver's ``logSNR``; diffusers' ``use_lu_lambdas``);
@@ -21,7 +28,7 @@ from typing import Literal
 import numpy as np
 
 from ..noise import DiscreteVP, NoiseProcess
-from .schedule import FINAL_CONVENTIONS, Schedule
+from .schedule import Schedule, check_final
 
 __all__ = [
     "Final",
@@ -59,9 +66,7 @@ def check_num_steps(num_steps: object, process: NoiseProcess | None = None, extr
 
 
 def _grid_size(num_steps: int, final: str) -> int:
-    if final not in FINAL_CONVENTIONS:
-        raise ValueError(f"unknown final convention {final!r}: expected one of {FINAL_CONVENTIONS}")
-    return num_steps if final == "append_zero" else num_steps + 1
+    return num_steps if check_final(final) == "append_zero" else num_steps + 1
 
 
 def _finish(grid: np.ndarray, final: str, **metadata: object) -> Schedule:
@@ -82,7 +87,9 @@ def uniform_time(
     t_start: float | None = None,
     t_end: float | None = None,
 ) -> Schedule:
-    """Grid uniform in process time from ``t_start`` (default ``t_max``) to ``t_end`` (default ``t_min``)."""
+    """Grid uniform in process time from ``t_start`` (default ``t_max``) to ``t_end`` (default ``t_min``);
+    ``final``: the module's final-step policy (default ``"zero"``)."""
+    final = check_final(final)
     n = check_num_steps(num_steps, process, extra_levels=int(final == "sigma_min"))
     t0 = process.t_max if t_start is None else float(t_start)
     t1 = process.t_min if t_end is None else float(t_end)
@@ -93,7 +100,8 @@ def uniform_time(
 def _bounds(
     process: NoiseProcess, num_steps: int, final: str, sigma_max: float | None, sigma_min: float | None
 ) -> tuple[int, int, float, float]:
-    """(steps, grid points, σ̃_max, σ̃_min) for a builder, validating the step count."""
+    """(steps, grid points, σ̃_max, σ̃_min) for a builder, validating the final convention and the step count."""
+    final = check_final(final)
     n = check_num_steps(num_steps, process, extra_levels=int(final == "sigma_min"))
     hi = process.sigma_max if sigma_max is None else float(sigma_max)
     lo = process.sigma_min if sigma_min is None else float(sigma_min)
@@ -105,11 +113,12 @@ def _bounds(
 def exponential(
     process: NoiseProcess,
     num_steps: int,
-    final: Final = "append_zero",
+    final: Final = "zero",
     sigma_max: float | None = None,
     sigma_min: float | None = None,
 ) -> Schedule:
-    """Geometric σ̃ between the bounds (diffusers' ``use_exponential_sigmas``); uniform in λ = −log σ̃."""
+    """Geometric σ̃ between the bounds, uniform in λ = −log σ̃; ``final`` by the module's policy (default
+    ``"zero"``; diffusers' ``use_exponential_sigmas`` is ``final="append_zero"``)."""
     _, size, hi, lo = _bounds(process, num_steps, final, sigma_max, sigma_min)
     grid = np.exp(np.linspace(math.log(hi), math.log(lo), size))
     return _finish(grid, final, spacing="exponential")
@@ -124,7 +133,8 @@ def uniform_logsnr(
 ) -> Schedule:
     """Grid uniform in λ = −log σ̃ (Lu et al. 2022, DPM-Solver, Sec. 3.3 "logSNR" step sizes).
 
-    The same grid as :func:`exponential`, ending by default at σ̃ = 0 in place of the last point.
+    The same levels as :func:`exponential` (only the metadata's ``spacing`` differs); ``final`` by the module's
+    policy (default ``"zero"``; diffusers' ``use_lu_lambdas`` is ``final="append_zero"``).
     """
     sched = exponential(process, num_steps, final, sigma_max, sigma_min)
     return Schedule(sched.sigmas, metadata={**sched.metadata, "spacing": "uniform_logsnr"})
@@ -133,12 +143,14 @@ def uniform_logsnr(
 def karras(
     process: NoiseProcess,
     num_steps: int,
-    final: Final = "append_zero",
+    final: Final = "zero",
     rho: float = 7.0,
     sigma_max: float | None = None,
     sigma_min: float | None = None,
 ) -> Schedule:
-    """Karras et al. 2022, Eq. 5 ("EDM" ρ-schedule), ρ = 7 by default."""
+    """Karras et al. 2022, Eq. 5 ("EDM" ρ-schedule), ρ = 7 by default; ``final`` by the module's policy (default
+    ``"zero"``; k-diffusion's ``get_sigmas_karras`` and diffusers' ``use_karras_sigmas`` are
+    ``final="append_zero"``)."""
     if rho <= 0:
         raise ValueError(f"rho must be positive, got {rho}")
     _, size, hi, lo = _bounds(process, num_steps, final, sigma_max, sigma_min)
@@ -150,13 +162,15 @@ def karras(
 def beta(
     process: NoiseProcess,
     num_steps: int,
-    final: Final = "append_zero",
+    final: Final = "zero",
     a: float = 0.6,
     b: float = 0.6,
     sigma_max: float | None = None,
     sigma_min: float | None = None,
 ) -> Schedule:
-    """Lee et al. 2024, "Beta Sampling is All You Need": σ̃ placed at Beta(a, b) quantiles between the bounds."""
+    """Lee et al. 2024, "Beta Sampling is All You Need": σ̃ placed at Beta(a, b) quantiles between the bounds;
+    ``final`` by the module's policy (default ``"zero"``; diffusers' ``use_beta_sigmas`` is
+    ``final="append_zero"``)."""
     import scipy.stats
 
     _, size, hi, lo = _bounds(process, num_steps, final, sigma_max, sigma_min)
@@ -208,7 +222,8 @@ def diffusers_spacing(
 ) -> Schedule:
     """Integer training timesteps as diffusers' DPM-Solver/UniPC ``set_timesteps`` computes them.
 
-    ``final`` is the level appended after the n timesteps: 0 or σ̃ at training step 0. Where rounding puts
+    ``final`` is the level appended after the n timesteps: 0 (``"zero"``, the default, as everywhere) or σ̃ at
+    training step 0 (``"sigma_min"``); diffusers has no ``"append_zero"`` for these spacings. Where rounding puts
     two steps on the same training timestep (e.g. 1000 ``linspace`` steps of a 1000-step model, which makes
     diffusers' DPM-Solver return NaN), the later ones are moved down by one so the grid stays strictly
     decreasing.
@@ -216,7 +231,9 @@ def diffusers_spacing(
     if not isinstance(process, DiscreteVP):
         raise TypeError(f"diffusers' {spacing!r} spacing needs a discrete training schedule, got {process!r}")
     if final not in ("zero", "sigma_min"):
-        raise ValueError(f"unknown final convention {final!r} for diffusers spacing: expected 'zero' or 'sigma_min'")
+        raise ValueError(
+            f"unknown final convention {final!r} for diffusers' {spacing!r} spacing: expected 'zero' or 'sigma_min'"
+        )
     n = check_num_steps(num_steps, process, extra_levels=int(final == "sigma_min"))
     big_n = process.num_train_timesteps
     # diffusers: clip the start of the schedule where λ < lambda_min_clipped (critical for cosine schedules).
@@ -243,7 +260,10 @@ def from_sigmas(process: NoiseProcess, sigmas: object, timesteps: object = None)
 
 
 def from_timesteps(process: NoiseProcess, timesteps: object, final: Literal["zero", "sigma_min"] = "zero") -> Schedule:
-    """Explicit model timesteps (in the process's timestep units, decreasing), plus a final level."""
+    """Explicit model timesteps (in the process's timestep units, decreasing), plus a final level: 0
+    (``"zero"``, the default) or the process's σ̃_min (``"sigma_min"``)."""
+    if final not in ("zero", "sigma_min"):
+        raise ValueError(f"unknown final convention {final!r} for explicit timesteps: expected 'zero' or 'sigma_min'")
     ts = np.asarray(timesteps, dtype=np.float64).reshape(-1)
     if ts.size == 0:
         raise ValueError("timesteps must not be empty")
@@ -272,7 +292,8 @@ SPACINGS = {
 def build_schedule(
     process: NoiseProcess, num_steps: int, spacing: str = "uniform_time", final: Final | None = None
 ) -> Schedule:
-    """Build a schedule by name: any of :data:`SPACINGS`, or diffusers' ``linspace``/``leading``/``trailing``."""
+    """Build a schedule by name: any of :data:`SPACINGS`, or diffusers' ``linspace``/``leading``/``trailing``;
+    ``final=None`` is the builders' default, ``"zero"``."""
     if spacing in ("linspace", "leading", "trailing"):
         return diffusers_spacing(process, num_steps, spacing, final=final or "zero")  # type: ignore[arg-type]
     if spacing not in SPACINGS:

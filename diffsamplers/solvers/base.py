@@ -22,6 +22,7 @@ A step runs in two halves, both linear:
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ import torch
 from ..denoiser import compute_dtype
 from ..noise import NoiseProcess
 from ..schedules.schedule import Schedule
+from .final_step import FinalStep, check_final_step, replace_final_step
 
 __all__ = [
     "LinearStep",
@@ -214,9 +216,20 @@ class Solver(ABC):
 
     _PLAN_CACHE_SIZE = 16
 
+    #: How the last step to σ̃ = 0 is taken (:mod:`diffsamplers.solvers.final_step`); see :meth:`with_final_step`.
+    final_step: FinalStep = "solver"
+
     def __init__(self, x0_transform: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.x0_transform = x0_transform
         self._plans: dict[tuple, tuple[NoiseProcess, SolverPlan]] = {}
+
+    def with_final_step(self, final_step: FinalStep) -> Solver:
+        """A copy of this solver whose last step to σ̃ = 0 is ``final_step``: ``"solver"`` (its own update),
+        ``"midpoint"`` (the ODE's limit ½(y + x̂0), :mod:`diffsamplers.solvers.final_step`) or a κ in [0, 1)."""
+        out = copy.copy(self)
+        out.final_step = check_final_step(final_step)
+        out._plans = {}
+        return out
 
     # -- host side ------------------------------------------------------------------------------
     def plan(self, process: NoiseProcess, schedule: Schedule) -> SolverPlan:
@@ -244,6 +257,8 @@ class Solver(ABC):
         schedule.check_range(process)
         eval_sigmas, steps, history_size = self.coefficients(process, schedule.sigmas)
         sigmas = np.concatenate([eval_sigmas, schedule.sigmas[-1:]])
+        if self.final_step != "solver":
+            steps = replace_final_step(list(steps), marginals(process, sigmas)[1], sigmas, self.final_step)
         if np.array_equal(eval_sigmas, schedule.sigmas[:-1]):
             timesteps = schedule.model_timesteps(process)
         else:

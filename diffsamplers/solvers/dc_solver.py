@@ -112,8 +112,10 @@ class DCSolver(Solver):
         self.name = f"dc-{base.name}"
 
     def with_ratios(self, ratios: Sequence[float] | None) -> DCSolver:
-        """The same solver with other ratios."""
-        return DCSolver(ratios, self.base, self.dc_order)
+        """The same solver (final step included) with other ratios."""
+        out = DCSolver(ratios, self.base, self.dc_order)
+        out.final_step = self.final_step
+        return out
 
     def coefficients(self, process: NoiseProcess, sigmas: np.ndarray) -> tuple[np.ndarray, list[LinearStep], int]:
         eval_sigmas, steps, history_size = self.base.coefficients(process, sigmas)

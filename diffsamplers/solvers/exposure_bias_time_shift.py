@@ -219,6 +219,12 @@ class ExposureBiasTimeShift(Solver):
         return cls(base, half_width=int(window_size) // 2, cutoff=cutoff, **kwargs)
 
     # -- host side ------------------------------------------------------------------------------
+    def with_final_step(self, final_step: Any) -> Solver:
+        """Refused: the time shift recomputes every update per sample from the solver's formula."""
+        raise TypeError(
+            "the exposure-bias time shift recomputes each update per sample: set final_step on plain solvers only"
+        )
+
     def coefficients(self, process: NoiseProcess, sigmas: np.ndarray) -> tuple[np.ndarray, list[LinearStep], int]:
         return self.base.coefficients(process, sigmas)
 

@@ -20,6 +20,14 @@ paper's description:
   the paper stops on FID. Here a ``metric`` callable (e.g. the solver's error against a reference on held-out
   noise, :class:`~diffsamplers.metrics.SolverErrorMetric`) is evaluated after every sweep; the best sweep
   (the initialisation included) is kept and the search stops after ``patience`` sweeps without improvement.
+* **The solver's own error as the objective** (ours, ``objective=`` of :func:`optimize_schedule`): the KLUB is a
+  proxy, and the KLUB-optimal schedule can lose to uniform logSNR for the solver that will actually run it (a
+  generated d = 768 mixture in issue 15: 2× worse at 5 and 10 steps). With ``objective(levels)`` — e.g. a
+  :class:`~diffsamplers.tuning.solver_error.SolverErrorMetric` of the solver, final convention and final step as
+  they will be run, on *fitting* noises — the same coordinate search minimises that error directly, one level at a
+  time (the error couples all levels, so a sweep is Gauss–Seidel over the interior levels, the current value
+  among the candidates so the objective never rises), and ``metric`` on *other* noises stops it. No data bank is
+  needed; one stage per step count (no refinement), as the schedule is fitted per NFE.
 * **Hierarchical refinement** — the schedule is subdivided at log-midpoints (10 → 20 → 40 steps by default) and
   only the new levels are optimised, until their radii shrink below ``min_radius`` (no early stopping).
 
@@ -75,6 +83,7 @@ class AYSSettings:
     radius: float = 0.5
     min_radius: float = 1e-3
     init: str = "auto"  # "auto", "uniform_time", "karras", "uniform_logsnr"
+    objective: str = "klub"  # "klub" (the paper) or "error" (the objective callable of optimize_schedule)
     sigma_min: float | None = None
     sigma_max: float | None = None
     seed: int = 0
@@ -91,6 +100,12 @@ class AYSSettings:
             raise ValueError("refinements, max_sweeps and refine_sweeps must be >= 0 and patience >= 1")
         if self.init not in ("auto", "uniform_time", "karras", "uniform_logsnr"):
             raise ValueError(f"unknown init {self.init!r}")
+        if self.objective not in ("klub", "error"):
+            raise ValueError(f"unknown objective {self.objective!r}: expected 'klub' or 'error'")
+        if self.objective == "error" and self.refinements:
+            raise ValueError(
+                f"objective 'error' fits one schedule per step count: refinements must be 0, got {self.refinements}"
+            )
 
 
 class ScheduleBoundsError(ValueError):
@@ -146,10 +161,48 @@ def _candidates(levels: np.ndarray, i: int, radius: float, count: int) -> np.nda
     return np.exp(np.concatenate([[cur], cur - steps * (cur - lo), cur + steps * (hi - cur)]))
 
 
+class _ErrorObjective:
+    """The ``objective`` callable of :func:`optimize_schedule` (e.g. a solver's error on fitting noises)."""
+
+    def __init__(self, fn: Metric):
+        self.fn = fn
+        self.evaluations = 0
+
+    def total(self, levels: np.ndarray) -> float:
+        self.evaluations += 1
+        value = float(self.fn(np.asarray(levels, dtype=np.float64)))
+        if math.isnan(value):
+            raise ValueError(f"the schedule objective returned NaN for levels {np.asarray(levels).tolist()}")
+        return value
+
+
+def _search_error(
+    levels: np.ndarray, indices: list[int], radii: np.ndarray, est: _ErrorObjective, count: int
+) -> tuple[np.ndarray, bool]:
+    """Gauss–Seidel coordinate update of ``indices`` in turn on a non-separable objective."""
+    out, moved = levels.copy(), False
+    for i in indices:
+        cands = _candidates(out, i, radii[i], count)
+        values = []
+        for m in cands:
+            trial = out.copy()
+            trial[i] = m
+            values.append(est.total(trial))
+        j = int(np.argmin(values))  # ties keep the current value (index 0)
+        if j == 0:
+            radii[i] *= 0.5
+        else:
+            out[i] = cands[j]
+            moved = True
+    return out, moved
+
+
 def _search(
-    levels: np.ndarray, indices: list[int], radii: np.ndarray, est: KLUBEstimator, count: int
+    levels: np.ndarray, indices: list[int], radii: np.ndarray, est: KLUBEstimator | _ErrorObjective, count: int
 ) -> tuple[np.ndarray, bool]:
     """One batched coordinate update of mutually non-adjacent ``indices``; returns (levels, whether any moved)."""
+    if isinstance(est, _ErrorObjective):
+        return _search_error(levels, indices, radii, est, count)
     if not indices:
         return levels, False
     cands = {i: _candidates(levels, i, radii[i], count) for i in indices}
@@ -220,7 +273,7 @@ class _Run:
     """What the steps of one optimisation share."""
 
     settings: AYSSettings
-    estimator: KLUBEstimator
+    estimator: KLUBEstimator | _ErrorObjective
     metric: Metric | None
     checkpoint: str | Path | None
     key: dict[str, Any]
@@ -240,6 +293,7 @@ def optimize_schedule(
     describe: dict[str, Any] | None = None,
     device: str | torch.device | None = None,
     log: Callable[[str], None] | None = print,
+    objective: Metric | None = None,
 ) -> LearnedSchedule:
     """Optimise a schedule for ``denoiser`` on ``data`` (see the module docstring).
 
@@ -252,20 +306,29 @@ def optimize_schedule(
         checkpoint: file for per-sweep checkpoints; with ``resume`` an existing one with the same settings
             and ``describe`` is continued.
         describe: what is being optimised (model name, solver, NFE, …), stored in the result's metadata.
+        objective: with ``settings.objective == "error"``, the function minimised in place of the KLUB,
+            ``objective(levels) -> float`` (the solver's error on fitting noises; ``data`` is then unused). Pass a
+            ``metric`` on other noises to stop on held-out data.
     """
     settings = settings or AYSSettings()
     describe = dict(describe or {})
-    x0, cond = _bank_data(data, settings)
-    estimator = KLUBEstimator(
-        denoiser,
-        x0,
-        cond,
-        seed=settings.seed,
-        importance_c=settings.importance_c,
-        power=settings.power,
-        batch_size=settings.batch_size,
-        device=device,
-    )
+    if (objective is not None) != (settings.objective == "error"):
+        raise ValueError("pass objective= exactly when settings.objective is 'error'")
+    estimator: KLUBEstimator | _ErrorObjective
+    if objective is not None:
+        estimator = _ErrorObjective(objective)
+    else:
+        x0, cond = _bank_data(data, settings)
+        estimator = KLUBEstimator(
+            denoiser,
+            x0,
+            cond,
+            seed=settings.seed,
+            importance_c=settings.importance_c,
+            power=settings.power,
+            batch_size=settings.batch_size,
+            device=device,
+        )
     run = _Run(settings, estimator, metric, checkpoint, _config_key(settings, describe), log or (lambda _: None))
     started = time.time()
     state = _load_checkpoint(checkpoint, run.key) if (checkpoint and resume) else None
@@ -282,14 +345,16 @@ def optimize_schedule(
             started = time.time()
             run.save(state)
     process = denoiser.process
+    klub = objective is None
     metadata = {
         **describe,
-        "method": "Align Your Steps (Sabour et al. 2024), KLUB coordinate search",
+        "method": "Align Your Steps (Sabour et al. 2024), "
+        + ("KLUB coordinate search" if klub else "coordinate search on the solver's error"),
         "process": process.to_config() if not isinstance(process, DiscreteVP) else _short_config(process),
         "settings": asdict(settings),
-        "klub_history": [float(v) for v in state.klub],
+        ("klub_history" if klub else "objective_history"): [float(v) for v in state.klub],
         "metric_history": [float(v) for v in state.metric],
-        "stage_klub": {str(n): estimator.total(v) for n, v in state.stages.items()},
+        ("stage_klub" if klub else "stage_objective"): {str(n): estimator.total(v) for n, v in state.stages.items()},
         "model_evaluations_this_run": estimator.evaluations,
         "seconds": round(state.elapsed + time.time() - started, 1),
     }
@@ -300,7 +365,8 @@ def _initial_state(run: _Run, process: NoiseProcess) -> SearchState:
     levels = initial_levels(process, run.settings)
     value = run.metric(levels) if run.metric else None
     state = SearchState.start(levels, run.settings, run.estimator.total(levels), value)
-    run.say(f"init ({run.settings.init}): KLUB {state.klub[0]:.6g}" + (f", metric {value:.6g}" if run.metric else ""))
+    name = "KLUB" if isinstance(run.estimator, KLUBEstimator) else "objective"
+    run.say(f"init ({run.settings.init}): {name} {state.klub[0]:.6g}" + (f", metric {value:.6g}" if run.metric else ""))
     run.save(state)
     return state
 
@@ -323,7 +389,9 @@ def _sweep(run: _Run, state: SearchState) -> None:
     """One coordinate sweep (odd then even levels in the first stage, the new levels in a refinement), then the
     KLUB and, in the first stage, the early-stopping metric."""
     movable, count = _movable(state), run.settings.num_candidates
-    if state.stage == 0:
+    if isinstance(run.estimator, _ErrorObjective):
+        levels, _ = _search(state.levels, movable, state.radii, run.estimator, count)
+    elif state.stage == 0:
         levels, _ = _search(state.levels, movable[0::2], state.radii, run.estimator, count)
         levels, _ = _search(levels, movable[1::2], state.radii, run.estimator, count)
     else:
@@ -332,7 +400,8 @@ def _sweep(run: _Run, state: SearchState) -> None:
     klub = run.estimator.total(levels)
     state.klub.append(klub)
     n = levels.size - 1
-    msg = f"stage {state.stage} ({n} steps) sweep {state.sweep}: KLUB {klub:.6g}, max radius {max(state.radii[movable]):.3g}"
+    name = "KLUB" if isinstance(run.estimator, KLUBEstimator) else "objective"
+    msg = f"stage {state.stage} ({n} steps) sweep {state.sweep}: {name} {klub:.6g}, max radius {max(state.radii[movable]):.3g}"
     if state.stage == 0 and run.metric is not None:
         value = run.metric(levels)
         state.metric.append(value)

@@ -50,7 +50,7 @@ class SearchedDCErrorMetric(SolverErrorMetric):
         cond_search: Mapping[str, Any] | None = None,
         reference_steps: int = REFERENCE_STEPS,
         iterations: int = 40,
-        final: AysFinal = "replace",
+        final: AysFinal = "zero",
         cond: Mapping[str, Any] | None = None,
         batch_size: int | None = None,
     ):

@@ -37,8 +37,15 @@ def test_compare_default_run(default_compare, capsys):
         for nfe, err in errors.items():
             if name == "diffusers Heun" and int(nfe) % 2 == 0:
                 assert err is None  # Heun spends 2·steps − 1 evaluations
+            elif name == "diffsamplers best (shipped)" and nfe not in report["best_shipped"]:
+                assert err is None  # no recipe shipped at this NFE (50)
             else:
                 assert err is not None and math.isfinite(err) and err > 0, (name, nfe, err)
+    # The shipped best recipe beats every diffusers scheduler at every NFE it is shipped for.
+    assert set(report["best_shipped"]) == {"5", "6", "8", "10", "15", "20"}
+    for nfe in report["best_shipped"]:
+        theirs = [e[nfe] for n, e in by_name.items() if n.startswith("diffusers") and e[nfe] is not None]
+        assert by_name["diffsamplers best (shipped)"][nfe] < min(theirs)
     # Same grid, same algorithm: our 2M and 3M (reference form) equal diffusers' to 3 digits.
     for nfe in map(str, report["nfe"]):
         assert by_name["DPM-Solver++ 2M"][nfe] == pytest.approx(by_name["diffusers DPM-Solver++ 2M"][nfe], rel=1e-3)

@@ -5,7 +5,7 @@ import pytest
 
 from diffsamplers.apps.recipes import SOLVERS, flow_schedule, make_solver, parse_schedule, parse_solver
 from diffsamplers.models.gmm import default_flow_process, default_process
-from diffsamplers.schedules import align_your_steps, diffusers_spacing, karras, uniform_logsnr
+from diffsamplers.schedules import SPACINGS, align_your_steps, diffusers_spacing, karras, uniform_logsnr
 from diffsamplers.schedules.learned import LearnedSchedule
 from diffsamplers.solvers import (
     DDIM,
@@ -104,10 +104,11 @@ def test_schedule_specs_build_the_schedules_of_the_library(tmp_path):
     same("trailing/sigma_min", diffusers_spacing(PROCESS, 7, "trailing", final="sigma_min"))
     same("logsnr", uniform_logsnr(PROCESS, 7))
     same("uniform_logsnr/sigma_min", uniform_logsnr(PROCESS, 7, final="sigma_min"))
-    same("karras", karras(PROCESS, 7))
+    same("karras", karras(PROCESS, 7, final="zero"))
+    same("karras/append_zero", karras(PROCESS, 7, final="append_zero"))
     same("karras:rho=5/zero", karras(PROCESS, 7, final="zero", rho=5.0))
     sd = parse_schedule("ays:sd15/append")
-    assert np.array_equal(sd.build(None, 10).sigmas, align_your_steps("sd15", 10, final="append").sigmas)
+    assert np.array_equal(sd.build(None, 10).sigmas, align_your_steps("sd15", 10, final="append_zero").sigmas)
     assert (
         parse_schedule("linspace").diffusers_spacing == "linspace"
         and parse_schedule("karras").diffusers_spacing is None
@@ -118,8 +119,30 @@ def test_schedule_specs_build_the_schedules_of_the_library(tmp_path):
     learned = LearnedSchedule({4: uniform_logsnr(PROCESS, 4, final="sigma_min").sigmas})
     learned.save(path)
     for spec in (str(path), f"learned:{path}", f"{path}/sigma_min"):
-        final = "sigma_min" if spec.endswith("sigma_min") else "replace"
+        final = "sigma_min" if spec.endswith("sigma_min") else "zero"
         assert np.allclose(parse_schedule(spec).build(PROCESS, 4).sigmas, learned.schedule(4, final=final).sigmas)
+
+
+@pytest.mark.parametrize("final", [None, "zero", "append_zero", "sigma_min", "replace", "append"])
+def test_every_schedule_kind_takes_every_final_suffix(final, tmp_path):
+    """``/zero`` (the default for every kind), ``/append_zero`` and ``/sigma_min`` on every σ̃ spacing, ays: and
+    learned:; AYS's deprecated ``/replace`` and ``/append`` there too, as ``/zero`` and ``/append_zero``."""
+    general = {None: "zero", "replace": "zero", "append": "append_zero"}.get(final, final)
+    suffix = "" if final is None else f"/{final}"
+    path = tmp_path / "learned.safetensors"
+    learned = LearnedSchedule({4: uniform_logsnr(PROCESS, 4, final="sigma_min").sigmas})
+    learned.save(path)
+    kinds = {f"ays:sd15{suffix}": lambda: align_your_steps("sd15", 6, final=general)}
+    kinds[f"learned:{path}{suffix}"] = lambda: learned.schedule(6, final=general)
+    kinds[f"{path}{suffix}"] = kinds[f"learned:{path}{suffix}"]
+    if final not in ("replace", "append"):
+        for name, builder in SPACINGS.items():
+            kinds[f"{name}{suffix}"] = lambda b=builder: b(PROCESS, 6, final=general)
+    for spec, expected in kinds.items():
+        got = parse_schedule(spec).build(None if spec.startswith("ays:") else PROCESS, 6)
+        assert np.array_equal(got.sigmas, expected().sigmas), spec
+        assert got.metadata["final"] == general and got.num_steps == 6, spec
+        assert got.sigmas.size == 7 and (got.sigmas[-1] == 0) == (general != "sigma_min"), spec
 
 
 @pytest.mark.parametrize(
@@ -127,7 +150,9 @@ def test_schedule_specs_build_the_schedules_of_the_library(tmp_path):
     [
         ("cosine", 5, ValueError, "unknown schedule 'cosine': expected linspace, leading, trailing"),
         ("karras/last", 5, ValueError, "unknown final level 'last'"),
-        ("linspace/replace", 5, ValueError, "/replace is for ays: and learned: schedules"),
+        ("linspace/replace", 5, ValueError, "/replace is for ays: and learned: schedules .*: use /zero"),
+        ("karras/append", 5, ValueError, "/append is for ays: and learned: schedules .*: use /append_zero"),
+        ("linspace/append_zero", 5, ValueError, "'append_zero' for diffusers' 'linspace' spacing: expected 'zero' or"),
         ("ays:", 5, ValueError, "ays needs a model"),
         ("ays:sd3", 5, ValueError, "no published Align Your Steps schedule for 'sd3'"),
         ("sigmas:3", None, ValueError, "at least two finite levels"),

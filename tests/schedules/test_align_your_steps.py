@@ -18,6 +18,7 @@ from diffsamplers.schedules import (
     schedule_from_levels,
 )
 from diffsamplers.schedules.align_your_steps import published_ays
+from diffsamplers.schedules.learned import LearnedSchedule
 from tests.helpers import SMOOTH_MIXTURE, rms, scheduler_loop
 
 SD = published_ays("sd15").process()
@@ -91,19 +92,45 @@ def test_interpolation_semantics():
 
 def test_final_conventions():
     levels = ays_noise_levels("sd15")
-    replace = align_your_steps("sd15", 10, final="replace")
-    append = align_your_steps("sd15", 10, final="append")
+    zero = align_your_steps("sd15", 10)
+    append = align_your_steps("sd15", 10, final="append_zero")
     keep = align_your_steps("sd15", 10, final="sigma_min")
-    assert replace.num_steps == append.num_steps == keep.num_steps == 10
-    assert replace.sigmas[-2] == levels[-2] and keep.sigmas[-1] == levels[-1]
-    # append (AUTOMATIC1111): 10 levels interpolated over the 11 published ones, then σ_min → 0.
+    assert zero.metadata["final"] == "zero" and append.metadata["final"] == "append_zero"
+    assert zero.num_steps == append.num_steps == keep.num_steps == 10
+    assert zero.sigmas[-2] == levels[-2] and zero.sigmas[-1] == 0.0 and keep.sigmas[-1] == levels[-1]
+    # append_zero (AUTOMATIC1111): 10 levels interpolated over the 11 published ones, then σ_min → 0.
     assert append.sigmas[-2] == levels[-1] and append.sigmas[-1] == 0.0
     assert np.allclose(append.sigmas[:-1], loglinear_interpolation(levels, 10))
     assert not np.allclose(append.sigmas[1:-2], levels[1:-2], rtol=1e-3)
-    assert align_your_steps("sd15", 1, final="append").sigmas.tolist() == [levels[0], 0.0]
-    assert np.array_equal(align_your_steps("sd15", 10, final="zero").sigmas, replace.sigmas)  # package alias
-    with pytest.raises(ValueError, match="unknown final convention 'last'"):
-        align_your_steps("sd15", 10, final="last")
+    assert align_your_steps("sd15", 1, final="append_zero").sigmas.tolist() == [levels[0], 0.0]
+
+
+@pytest.mark.parametrize("old, general", [("replace", "zero"), ("append", "append_zero")])
+def test_former_final_names_are_deprecated_aliases_of_the_general_ones(old, general):
+    with pytest.warns(DeprecationWarning, match=f"final convention '{old}' is deprecated: use '{general}'"):
+        sched = align_your_steps("sd15", 7, final=old)
+    assert np.array_equal(sched.sigmas, align_your_steps("sd15", 7, final=general).sigmas)
+    assert sched.metadata["final"] == general  # the canonical name, whichever was asked for
+    with pytest.warns(DeprecationWarning):
+        assert schedule_from_levels(ays_noise_levels("sdxl"), 5, old).metadata["final"] == general
+    learned = LearnedSchedule({4: ays_noise_levels("sd15")[::2][:5], 10: ays_noise_levels("sd15")})
+    for n in (4, 6):  # a stage's own levels, and the finest stage interpolated
+        with pytest.warns(DeprecationWarning):
+            old_way = learned.schedule(n, final=old)
+        new_way = learned.schedule(n, final=general)
+        assert np.array_equal(old_way.sigmas, new_way.sigmas) and old_way.metadata["final"] == general
+
+
+@pytest.mark.parametrize(
+    "make", [lambda f: align_your_steps("sd15", 10, final=f), lambda f: schedule_from_levels([9.0, 1.0, 0.1], 4, f)]
+)
+def test_unknown_final_names_the_options(make):
+    message = (
+        r"unknown final convention 'last': expected one of \('zero', 'sigma_min', 'append_zero'\) "
+        r"\(deprecated: 'replace' for 'zero', 'append' for 'append_zero'\)"
+    )
+    with pytest.raises(ValueError, match=message):
+        make("last")
 
 
 def test_bad_input_is_rejected_with_the_offending_value():

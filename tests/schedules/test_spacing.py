@@ -8,7 +8,10 @@ from diffusers import DPMSolverMultistepScheduler
 
 from diffsamplers.noise import ContinuousVP, DiscreteVP, RectifiedFlow, VarianceExploding
 from diffsamplers.schedules import (
+    FINAL_CONVENTIONS,
+    SPACINGS,
     Schedule,
+    align_your_steps,
     beta,
     build_schedule,
     diffusers_spacing,
@@ -20,6 +23,7 @@ from diffsamplers.schedules import (
     uniform_time,
 )
 from diffsamplers.schedules.diffusers_compat import schedule_from_scheduler_config
+from diffsamplers.schedules.learned import LearnedSchedule
 
 VP = DiscreteVP.from_beta_schedule()
 
@@ -100,6 +104,46 @@ def test_final_conventions(process, builder):
     np.testing.assert_allclose(zero.sigmas[:-1], keep.sigmas[:-1])  # "zero" replaces the last grid point
     assert math.isclose(append.sigmas[-2], process.sigma_min, rel_tol=1e-9)  # "append_zero" keeps it
     assert math.isclose(keep.sigmas[0], process.sigma_max, rel_tol=1e-9)
+
+
+@pytest.mark.parametrize("process", [VP, VarianceExploding()], ids=type)
+@pytest.mark.parametrize("n", [1, 4, 10])
+def test_one_final_policy_every_builder_defaults_to_zero(process, n):
+    """Every builder ends by default with ``final="zero"``: the (n + 1)-point grid from σ_max to σ_min, its last
+    level replaced by 0, so the n evaluation levels are the first n of that grid."""
+    learned = LearnedSchedule({6: uniform_logsnr(process, 6, final="sigma_min").sigmas})
+    builders = {
+        **{name: lambda n, b=b: b(process, n) for name, b in SPACINGS.items()},
+        **{f"build_schedule({name!r})": lambda n, s=name: build_schedule(process, n, s) for name in SPACINGS},
+        "learned": learned.schedule,
+    }
+    grids = {
+        **{name: lambda n, b=b: b(process, n, final="sigma_min").sigmas for name, b in SPACINGS.items()},
+        **{
+            f"build_schedule({name!r})": lambda n, b=b: b(process, n, final="sigma_min").sigmas
+            for name, b in SPACINGS.items()
+        },
+        "learned": lambda n: learned.schedule(n, final="sigma_min").sigmas,
+    }
+    if process is VP:
+        builders["align_your_steps"] = lambda n: align_your_steps("sd15", n)
+        grids["align_your_steps"] = lambda n: align_your_steps("sd15", n, final="sigma_min").sigmas
+        builders["diffusers linspace"] = lambda n: build_schedule(process, n, "linspace")
+        grids["diffusers linspace"] = lambda n: build_schedule(process, n, "linspace", "sigma_min").sigmas
+    for name, build in builders.items():
+        sched, grid = build(n), grids[name](n)
+        assert sched.metadata["final"] == "zero", name
+        assert sched.sigmas.size == grid.size == n + 1 and sched.sigmas[-1] == 0.0, name
+        np.testing.assert_array_equal(sched.sigmas[:-1], grid[:-1], err_msg=name)
+        assert grid[-1] > 0, name
+
+
+@pytest.mark.parametrize("builder", [*SPACINGS.values(), from_timesteps, diffusers_spacing])
+def test_unknown_final_convention_names_the_options(builder):
+    args = (VP, [999, 500]) if builder is from_timesteps else (VP, 4)
+    with pytest.raises(ValueError, match=r"unknown final convention 'replace'.*expected .*'zero'.*'sigma_min'"):
+        builder(*args, final="replace")  # AYS's deprecated name is not one of the builders'
+    assert FINAL_CONVENTIONS == ("zero", "sigma_min", "append_zero")
 
 
 def test_uniform_time_and_karras_formulae():

@@ -155,11 +155,11 @@ def test_official_window_convention_and_continuous_time_models():
     ve = VarianceExploding(0.002, 80.0)
     gmm_ve = GMM.as_denoiser(ve)
     shifted = ExposureBiasTimeShift(DPMSolverPlusPlus(2), half_width=40, cutoff=0.5, num_candidates=1000)
-    plan = shifted.plan(ve, karras(ve, 12))
+    plan = shifted.plan(ve, karras(ve, 12, final="append_zero"))
     assert list(plan.shifts) == [False] + [True] * 6 + [False] * 5  # after the first step, while t > 0.5
     x_T = 80 * _x_T()
-    out = sample(gmm_ve, shifted, karras(ve, 12), x_T=x_T.float(), progress=False)
-    plain = sample(gmm_ve, DPMSolverPlusPlus(2), karras(ve, 12), x_T=x_T.float(), progress=False)
+    out = sample(gmm_ve, shifted, karras(ve, 12, final="append_zero"), x_T=x_T.float(), progress=False)
+    plain = sample(gmm_ve, DPMSolverPlusPlus(2), karras(ve, 12, final="append_zero"), x_T=x_T.float(), progress=False)
     exact = reference_solution(GMM, ve, x_T, 80.0, 0.0)
     rms = lambda a, b: float((a.double() - b.double()).pow(2).mean().sqrt())  # noqa: E731
     # the samples moved off the grid, and (the exact denoiser has no exposure bias to correct) the shift costs

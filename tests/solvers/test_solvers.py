@@ -94,7 +94,7 @@ def test_sde_is_reproducible_and_matches_ddim_eta_one_at_first_order(x_T):
 
 def test_euler_churn_adds_noise_and_raises_noise_levels():
     ve = VarianceExploding(0.002, 80.0)
-    sched = karras(ve, 10)
+    sched = karras(ve, 10, final="append_zero")
     plan = Euler(s_churn=10.0, s_tmin=0.05, s_tmax=50.0).plan(ve, sched)
     assert plan.stochastic
     churned = [k for k in range(10) if plan.sigmas[k] > sched.sigmas[k]]

@@ -1,0 +1,504 @@
+"""Few-step accuracy on exact models: what each ingredient buys at 5–20 model evaluations, and the best recipe.
+
+On Gaussian mixtures (exact denoiser, exact probability-flow ODE solution by SciPy, :mod:`diffsamplers.models.gmm`)
+every recipe starts from the same x_T at the model's σ_max and is scored by its RMS error against the exact solution
+from that x_T. Four mixtures (:data:`PROBLEMS`): three generated ones of the kind a user writes down (isotropic
+components, means ``mean_scale``·N(0, I), on Stable Diffusion 1.5's scaled-linear β schedule) that differ in dimension,
+component count and spread, and the bundled one (``gmm``, its own DDPM schedule).
+
+Three disjoint sets of noises per mixture: **fit** (128, seed 1) — what a learned schedule is fitted on and DC-Solver's
+ratios are searched on; **stop** (64, seed 2) — the held-out set that stops the schedule search and picks the best
+recipe per NFE; **test** (32, seed 0) — where every number of the tables is measured. Nothing is fitted or chosen on the
+test noises. The schedule search leaves out noises with more than 20 times the median noise's error (:data:`OUTLIER`;
+on the fit set those of the starting schedule, on the stop set each candidate's own): a few noises lie on a boundary
+between components where any few-step solver ends in another component than the exact ODE, and their errors would
+otherwise decide the search. The choice of the best recipe and every table use the plain RMS.
+
+The ingredients, each measured on its own:
+
+* the **final step** (:mod:`diffsamplers.solvers.final_step`): the solver's own last jump to σ = 0 vs the ODE's limit
+  ("midpoint");
+* **learned schedules** (:func:`~diffsamplers.tuning.ays_optimizer.optimize_schedule` with the solver's error as the
+  objective, final convention and final step as run) vs uniform logSNR and Karras ρ = 7 with the same solver;
+* **Gaussian teleportation** (:func:`~diffsamplers.teleport.gaussian.teleport_level`'s criterion, tolerance 0.01):
+  the n evaluations spent from the teleport level down, vs from σ_max;
+* **DC-Solver** ratios searched (greedy, the paper's search) on fit noises for the learned schedule.
+
+The best recipe per NFE is the one with the smallest error on the stop noises; diffusers' schedulers (DPM-Solver++
+2M/3M and UniPC with Karras sigmas and with their defaults) run on the same network for comparison.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..metrics.errors import rms_error
+from ..models.gmm import GaussianMixture, default_mixture, default_process, reference_solution
+from ..noise import DiscreteVP
+from ..sampling import initial_noise
+from ..schedules.schedule import Schedule
+from ..schedules.spacing import from_sigmas, karras, uniform_logsnr
+from ..solvers.base import Solver
+from ..solvers.dc_solver import DCSolver
+from ..teleport.gaussian import teleport_level
+from ..teleport.statistics import GaussianStatistics
+from ..tuning.ays_optimizer import AYSSettings, optimize_schedule
+from ..tuning.dc_search import search_dc_ratios
+from ..tuning.solver_error import SolverErrorMetric
+from .compare import Method, network_bundle, run_method
+from .recipes import parse_solver
+
+__all__ = [
+    "DIFFUSERS_METHODS",
+    "FIT_SEED",
+    "PROBLEMS",
+    "STOP_SEED",
+    "TEST_SEED",
+    "MixtureProblem",
+    "NoiseSet",
+    "Recipe",
+    "make_problem",
+    "equivalent_nfe",
+    "format_tables",
+    "run_few_step",
+]
+
+TEST_SEED, FIT_SEED, STOP_SEED = 0, 1, 2
+#: Fit and stop samples whose error exceeds this many times the median sample's are left out of the search and the
+#: choice (boundary noises, :class:`~diffsamplers.tuning.solver_error.SolverErrorMetric`).
+OUTLIER = 20.0
+SD15_BETAS = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
+_SD15_CONFIG = {"num_train_timesteps": 1000, **SD15_BETAS}
+_GMM_CONFIG = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear"}
+
+#: The mixtures: name → (description, builder of (mixture, process, diffusers config)).
+PROBLEMS: dict[str, tuple[str, Callable[[], tuple[GaussianMixture, DiscreteVP, dict[str, Any]]]]] = {
+    "mix768": (
+        "d = 768, 10 isotropic components, std 0.15·U(0.7, 1), means 0.5·N(0, I), seed 0; SD 1.5 β",
+        lambda: (GaussianMixture.isotropic(768, 10, 0.15, (0.7, 1.0), 0.5, seed=0), _sd15(), _SD15_CONFIG),
+    ),
+    "mix512": (
+        "d = 512, 32 isotropic components, std 0.3·U(0.5, 1), means 0.35·N(0, I), seed 1; SD 1.5 β",
+        lambda: (GaussianMixture.isotropic(512, 32, 0.3, (0.5, 1.0), 0.35, seed=1), _sd15(), _SD15_CONFIG),
+    ),
+    "mix128": (
+        "d = 128, 4 isotropic components, std 0.05·U(0.7, 1), means 1.0·N(0, I), seed 2; SD 1.5 β",
+        lambda: (GaussianMixture.isotropic(128, 4, 0.05, (0.7, 1.0), 1.0, seed=2), _sd15(), _SD15_CONFIG),
+    ),
+    "gmm": (
+        "the bundled mixture: d = 64 (1×8×8), 8 components with log-uniform spectra; DDPM linear β",
+        lambda: (default_mixture(), default_process(), _GMM_CONFIG),
+    ),
+}
+
+#: diffusers' schedulers on the same network (name, spec); "diffusers' best" is the smallest error among them.
+DIFFUSERS_METHODS: tuple[tuple[str, str], ...] = (
+    ("DPM-Solver++ 2M, Karras", "diffusers:DPMSolverMultistepScheduler:use_karras_sigmas=true"),
+    ("DPM-Solver++ 3M, Karras", "diffusers:DPMSolverMultistepScheduler:use_karras_sigmas=true,solver_order=3"),
+    ("UniPC, Karras", "diffusers:UniPCMultistepScheduler:use_karras_sigmas=true"),
+    ("DPM-Solver++ 2M", "diffusers:DPMSolverMultistepScheduler"),
+    ("UniPC", "diffusers:UniPCMultistepScheduler"),
+)
+
+
+def _sd15() -> DiscreteVP:
+    return DiscreteVP.from_beta_schedule(**SD15_BETAS, num_train_timesteps=1000)
+
+
+@dataclass
+class NoiseSet:
+    """Seeded initial noises at σ_max and their exact PF-ODE solutions at σ = 0."""
+
+    x_T: torch.Tensor
+    reference: torch.Tensor
+
+
+@dataclass
+class MixtureProblem:
+    """One mixture on its process: the exact denoiser, the data's Gaussian statistics and the three noise sets."""
+
+    name: str
+    description: str
+    gmm: GaussianMixture
+    process: DiscreteVP
+    config: dict[str, Any]
+    sets: dict[str, NoiseSet] = field(default_factory=dict)
+
+    @property
+    def denoiser(self) -> Any:
+        return self.gmm.as_denoiser(self.process)
+
+    @property
+    def stats(self) -> GaussianStatistics:
+        return GaussianStatistics.from_gmm(self.gmm)
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.process.sigma_max)
+
+    def metric(self, which: str, solver: Solver, search: bool = False) -> SolverErrorMetric:
+        """``solver``'s RMS error on the noise set ``which`` (teleporting its x_T when a schedule starts lower); for a
+        ``search`` the noises with more than :data:`OUTLIER` times the median error are left out (boundary noises,
+        :class:`~diffsamplers.tuning.solver_error.SolverErrorMetric`): on the fit set those of the starting schedule,
+        on the stop set each schedule's own."""
+        s = self.sets[which]
+        return SolverErrorMetric(
+            self.denoiser,
+            solver,
+            s.x_T,
+            s.reference,
+            final="zero",
+            teleport=self.stats,
+            sigma_start=self.sigma_max,
+            outlier=OUTLIER if search else None,
+            fixed_outliers=which == "fit",
+        )
+
+
+def make_problem(name: str, sizes: dict[str, int] | None = None) -> MixtureProblem:
+    """The mixture ``name`` of :data:`PROBLEMS` with its test, fit and stop noises (``sizes``: samples per set)."""
+    if name not in PROBLEMS:
+        raise ValueError(f"unknown mixture {name!r}: expected one of {', '.join(PROBLEMS)}")
+    description, build = PROBLEMS[name]
+    gmm, process, config = build()
+    problem = MixtureProblem(name, description, gmm, process, dict(config))
+    sizes = {"test": 32, "fit": 128, "stop": 64, **(sizes or {})}
+    for which, seed in (("test", TEST_SEED), ("fit", FIT_SEED), ("stop", STOP_SEED)):
+        x_T = initial_noise(process, problem.sigma_max, (sizes[which], *gmm.sample_shape), seed)
+        ref = reference_solution(gmm, process, x_T.double(), problem.sigma_max, 0.0).float()
+        problem.sets[which] = NoiseSet(x_T, ref)
+    return problem
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One of our configurations: a solver spec on a schedule kind (``logsnr``, ``karras`` or ``learned``),
+    optionally teleported (the n evaluations then start at the teleport level)."""
+
+    solver: str
+    schedule: str
+    teleport: bool = False
+    dc_search: bool = False
+    schedule_solver: str | None = None  # the solver a learned schedule is fitted for (default: ``solver``)
+
+    @property
+    def name(self) -> str:
+        base = {"logsnr": "uniform logSNR", "karras": "Karras ρ=7", "learned": "learned"}[self.schedule]
+        return (
+            f"{self.solver}{' + DC ratios' if self.dc_search else ''}, {base}{' + teleport' if self.teleport else ''}"
+        )
+
+
+@dataclass
+class _Fitted:
+    """What a run learns per mixture (cached across rows): teleport level, schedules, ratios."""
+
+    problem: MixtureProblem
+    teleport: float | None = None
+    schedules: dict[tuple[str, int, bool], np.ndarray] = field(default_factory=dict)
+    ratios: dict[tuple[str, int, bool], list[float]] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    log: Callable[[str], None] = print
+
+    def top(self, recipe: Recipe) -> float:
+        if not recipe.teleport:
+            return self.problem.sigma_max
+        if self.teleport is None:
+            t = time.time()
+            self.teleport = teleport_level(self.problem.denoiser, self.problem.stats, tolerance=0.01).sigma
+            self.seconds["teleport level"] = round(time.time() - t, 1)
+            self.log(f"{self.problem.name}: teleport level σ = {self.teleport:.4g}")
+        return self.teleport
+
+    def schedule(self, recipe: Recipe, nfe: int) -> Schedule:
+        process, top = self.problem.process, self.top(recipe)
+        if recipe.schedule == "logsnr":
+            return uniform_logsnr(process, nfe, sigma_max=top)
+        if recipe.schedule == "karras":
+            return karras(process, nfe, final="zero", sigma_max=top)
+        spec = recipe.schedule_solver or recipe.solver
+        key = (spec, nfe, recipe.teleport)
+        if key not in self.schedules:
+            t = time.time()
+            solver = parse_solver(spec).build(search=lambda _s: None)
+            settings = AYSSettings(
+                num_steps=nfe,
+                refinements=0,
+                objective="error",
+                init="uniform_logsnr",
+                num_candidates=7,
+                max_sweeps=10,
+                patience=3,
+                radius=0.5,
+                min_radius=2e-3,
+                sigma_max=top,
+            )
+            learned = optimize_schedule(
+                self.problem.denoiser,
+                None,
+                settings,
+                metric=self.problem.metric("stop", solver, search=True),
+                objective=self.problem.metric("fit", solver, search=True),
+                log=None,
+            )
+            self.schedules[key] = learned.levels(nfe)
+            self.seconds[f"schedule {spec} {nfe}{' teleport' if recipe.teleport else ''}"] = round(time.time() - t, 1)
+        levels = self.schedules[key].copy()
+        levels[-1] = 0.0
+        return from_sigmas(process, levels)
+
+    def solver(self, recipe: Recipe, nfe: int, schedule: Schedule) -> Solver:
+        spec = parse_solver(recipe.solver)
+        if not recipe.dc_search:
+            return spec.build()
+        key = (recipe.solver, nfe, recipe.teleport)
+        if key not in self.ratios:
+            dc = spec.build(search=lambda _s: None)
+            assert isinstance(dc, DCSolver)
+            x = self.problem.metric("fit", dc).start(float(schedule.sigmas[0]))[:32]
+            self.ratios[key] = search_dc_ratios(
+                self.problem.denoiser, dc, schedule, x, model_id=self.problem.name, iterations=20
+            ).ratios
+        return spec.build(search=lambda _s: self.ratios[key])
+
+
+_UNIPC_MID = "unipc:final_step=midpoint"
+
+#: Our rows (solver spec, schedule kind, teleport, DC search), in table order; DC-Solver runs on the schedule learned
+#: for its base solver (UniPC bh2 with the midpoint final step) and searches its ratios there.
+OUR_RECIPES: tuple[Recipe, ...] = (
+    Recipe("dpm++2m", "logsnr"),
+    Recipe("unipc", "logsnr"),
+    Recipe("unipc:final_step=midpoint", "logsnr"),
+    Recipe("unipc:final_step=midpoint", "karras"),
+    Recipe("unipc:final_step=midpoint", "learned"),
+    Recipe("unipc:final_step=midpoint", "logsnr", teleport=True),
+    Recipe("unipc:final_step=midpoint", "learned", teleport=True),
+    Recipe("dc-solver:search,final_step=midpoint", "learned", dc_search=True, schedule_solver=_UNIPC_MID),
+    Recipe("dc-solver:search,final_step=midpoint", "learned", True, True, _UNIPC_MID),
+)
+
+
+def run_few_step(
+    problems: Sequence[str] = tuple(PROBLEMS),
+    nfes: Sequence[int] = (5, 7, 8, 10, 20),
+    recipes: Sequence[Recipe] = OUR_RECIPES,
+    sizes: dict[str, int] | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Every recipe and diffusers' schedulers at every NFE on every mixture; returns a JSON-ready report."""
+    out: dict[str, Any] = {"nfe": [int(n) for n in nfes], "problems": {}}
+    for name in problems:
+        t0 = time.time()
+        problem = make_problem(name, sizes)
+        fitted = _Fitted(problem, log=log)
+        rows: list[dict[str, Any]] = []
+        for recipe in recipes:
+            errors: dict[str, dict[str, float]] = {"test": {}, "stop": {}}
+            configs: dict[str, dict[str, Any]] = {}
+            for nfe in nfes:
+                schedule = fitted.schedule(recipe, nfe)
+                solver = fitted.solver(recipe, nfe, schedule)
+                for which in ("test", "stop"):
+                    errors[which][str(nfe)] = problem.metric(which, solver).error(schedule, solver)
+                ratios = fitted.ratios.get((recipe.solver, nfe, recipe.teleport)) if recipe.dc_search else None
+                configs[str(nfe)] = {
+                    "solver": recipe.solver,
+                    "sigmas": schedule.sigmas.tolist(),
+                    "teleport": recipe.teleport,
+                    "ratios": ratios,
+                }
+            rows.append(
+                {
+                    "name": recipe.name,
+                    "library": "diffsamplers",
+                    "recipe": recipe.__dict__,
+                    "errors": errors,
+                    "configs": configs,
+                }
+            )
+            log(f"{name}: {recipe.name}: " + ", ".join(f"{n}: {errors['test'][str(n)]:.2e}" for n in nfes))
+        bundle = network_bundle(name, problem.gmm, problem.process, "epsilon", problem.config)
+        for label, spec in DIFFUSERS_METHODS:
+            errors = {"test": {}}
+            for nfe in nfes:
+                test = problem.sets["test"]
+                result = run_method(Method(label, spec), bundle, nfe, test.x_T, name)
+                assert result is not None
+                errors["test"][str(nfe)] = rms_error(result[0], test.reference)
+            rows.append({"name": f"diffusers {label}", "library": "diffusers", "spec": spec, "errors": errors})
+            log(f"{name}: diffusers {label}: " + ", ".join(f"{n}: {errors['test'][str(n)]:.2e}" for n in nfes))
+        out["problems"][name] = {
+            "description": problem.description,
+            "nfe": [int(n) for n in nfes],
+            "sizes": {k: int(v.x_T.shape[0]) for k, v in problem.sets.items()},
+            "teleport_sigma": fitted.teleport,
+            "rows": rows,
+            "best": _best(rows, nfes),
+            "learned_levels": {
+                f"{k[0]} nfe={k[1]}{' teleport' if k[2] else ''}": v.tolist() for k, v in fitted.schedules.items()
+            },
+            "dc_ratios": {f"{k[0]} nfe={k[1]}{' teleport' if k[2] else ''}": v for k, v in fitted.ratios.items()},
+            "seconds": {**fitted.seconds, "total": round(time.time() - t0, 1)},
+        }
+    return out
+
+
+def _best(rows: list[dict[str, Any]], nfes: Sequence[int]) -> dict[str, Any]:
+    """Per NFE: our recipe with the smallest *stop* error (its test error reported), and diffusers' best on test."""
+    best: dict[str, Any] = {}
+    for nfe in nfes:
+        key = str(nfe)
+        ours = [r for r in rows if r["library"] == "diffsamplers"]
+        pick = min(ours, key=lambda r: r["errors"]["stop"][key])
+        theirs = min((r for r in rows if r["library"] == "diffusers"), key=lambda r: r["errors"]["test"][key])
+        best[key] = {
+            "ours": pick["name"],
+            "ours_stop": pick["errors"]["stop"][key],
+            "config": pick["configs"][key],
+            "ours_test": pick["errors"]["test"][key],
+            "diffusers": theirs["name"],
+            "diffusers_test": theirs["errors"]["test"][key],
+        }
+    return best
+
+
+def format_tables(report: dict[str, Any]) -> str:
+    """Markdown: per mixture, every row's test error per NFE, then our best recipe (chosen on the stop noises)
+    against diffusers' best."""
+    lines: list[str] = []
+    for name, prob in report["problems"].items():
+        nfes = [str(n) for n in prob.get("nfe", report["nfe"])]
+        lines += [f"### {name}: {prob['description']}", ""]
+        sizes = prob["sizes"]
+        teleport = prob["teleport_sigma"]
+        lines.append(
+            f"RMS error on {sizes['test']} test noises (fit {sizes['fit']}, stop {sizes['stop']})"
+            + ("" if teleport is None else f"; teleport level σ̃ = {teleport:.3g} (tolerance 0.01)")
+        )
+        lines += ["", "| method | " + " | ".join(nfes) + " |", "|---|" + "---|" * len(nfes)]
+        for row in prob["rows"]:
+            cells = [f"{row['errors']['test'][n]:.2e}" for n in nfes]
+            lines.append(f"| {row['name']} | " + " | ".join(cells) + " |")
+        best = prob["best"]
+        lines.append(
+            "| **best of ours (chosen on stop noises)** | "
+            + " | ".join(f"**{best[n]['ours_test']:.2e}**" for n in nfes)
+            + " |"
+        )
+        lines.append("| diffusers' best | " + " | ".join(f"{best[n]['diffusers_test']:.2e}" for n in nfes) + " |")
+        lines += ["", "Best of ours per NFE: " + "; ".join(f"{n}: {best[n]['ours']}" for n in nfes) + "."]
+        by_name = {row["name"]: row["errors"]["test"] for row in prob["rows"]}
+        for plain, label in ((_LOGSNR_ROW, "uniform logSNR"), (_LEARNED_ROW, "learned")):
+            teleported = by_name.get(plain + " + teleport")
+            if plain in by_name and teleported is not None:
+                equal = equivalent_nfe(by_name[plain], teleported)
+                cells = "; ".join(f"{n} → {_nfe_text(equal[n], nfes)}" for n in nfes)
+                lines.append(f"Teleport ({label}): NFE with teleport → NFE without it at the same error: {cells}.")
+        lines.append("")
+    return "\n".join(lines)
+
+
+#: The schedules compared on a trained model (:func:`run_model_schedules`), as builders of an n-step schedule.
+def _hand_made(process: Any) -> dict[str, Callable[[int], Schedule]]:
+    return {
+        "uniform logSNR": lambda n: uniform_logsnr(process, n),
+        "Karras ρ=7": lambda n: karras(process, n, final="zero"),
+    }
+
+
+def run_model_schedules(
+    model: str = "digits",
+    solver: str = "unipc",
+    nfes: Sequence[int] = (5, 7, 10),
+    sizes: dict[str, int] | None = None,
+    reference_steps: int = 250,
+    num_candidates: int = 5,
+    max_sweeps: int = 4,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Learned schedules on a trained model of the registry (no exact solution): the same error-objective search as
+    on the mixtures, against the package's reference (:mod:`diffsamplers.reference`, ``reference_steps`` steps) on
+    fit and stop noises, scored on test noises against uniform logSNR and Karras with the same solver."""
+    from .evaluation import validation_set
+    from .registry import load_model
+
+    bundle = load_model(model)
+    sizes = {"test": 64, "fit": 32, "stop": 32, **(sizes or {})}
+    seeds = {"test": 10_000 + TEST_SEED, "fit": 10_000 + FIT_SEED, "stop": 10_000 + STOP_SEED}
+    sets = {k: validation_set(bundle, sizes[k], seeds[k], reference_steps=reference_steps) for k in sizes}
+    built = parse_solver(solver).build(nfe=None, folder=bundle.folder)
+
+    def metric(which: str) -> SolverErrorMetric:
+        s = sets[which]
+        assert s.reference is not None
+        return SolverErrorMetric(bundle.denoiser, built, s.x_T, s.reference.float(), final="zero", cond=s.cond)
+
+    rows: dict[str, dict[str, float]] = {name: {} for name in [*_hand_made(bundle.process), "learned"]}
+    levels_out: dict[str, list[float]] = {}
+    seconds: dict[str, float] = {}
+    for nfe in nfes:
+        for name, build in _hand_made(bundle.process).items():
+            rows[name][str(nfe)] = metric("test").error(build(nfe), built)
+        t = time.time()
+        settings = AYSSettings(
+            num_steps=nfe,
+            refinements=0,
+            objective="error",
+            init="uniform_logsnr",
+            num_candidates=num_candidates,
+            max_sweeps=max_sweeps,
+            patience=2,
+        )
+        learned = optimize_schedule(
+            bundle.denoiser, None, settings, metric=metric("stop"), objective=metric("fit"), log=None
+        )
+        seconds[str(nfe)] = round(time.time() - t, 1)
+        levels = learned.levels(nfe)
+        levels_out[str(nfe)] = levels.tolist()
+        rows["learned"][str(nfe)] = metric("test")(levels)
+        log(f"{model} {solver} NFE {nfe}: " + ", ".join(f"{k} {v[str(nfe)]:.3e}" for k, v in rows.items()))
+    return {
+        "model": model,
+        "solver": solver,
+        "nfe": [int(n) for n in nfes],
+        "sizes": sizes,
+        "seeds": seeds,
+        "reference_steps": reference_steps,
+        "errors": rows,
+        "learned_levels": levels_out,
+        "seconds": seconds,
+    }
+
+
+_LOGSNR_ROW = "unipc:final_step=midpoint, uniform logSNR"
+_LEARNED_ROW = "unipc:final_step=midpoint, learned"
+
+
+def equivalent_nfe(plain: dict[str, float], other: dict[str, float]) -> dict[str, float | None]:
+    """For each NFE of ``other``, the NFE at which ``plain`` has the same error: log-error interpolated linearly in
+    the NFE between the measured NFEs of ``plain`` that bracket it; ``inf`` when ``other`` is more accurate than
+    ``plain`` at every measured NFE, ``None`` when no pair brackets it otherwise."""
+    points = sorted((int(n), float(e)) for n, e in plain.items())
+    out: dict[str, float | None] = {}
+    for n, err in other.items():
+        out[n] = math.inf if err < min(e for _, e in points) else None
+        for (n0, e0), (n1, e1) in zip(points, points[1:]):
+            if min(e0, e1) <= err <= max(e0, e1) and e0 != e1:
+                w = (np.log(err) - np.log(e0)) / (np.log(e1) - np.log(e0))
+                out[n] = n0 + float(w) * (n1 - n0)
+                break
+    return out
+
+
+def _nfe_text(value: float | None, nfes: Sequence[str]) -> str:
+    if value is None:
+        return "—"
+    return f"> {max(int(n) for n in nfes)}" if math.isinf(value) else f"{value:.1f}"

@@ -1,0 +1,39 @@
+"""The few-step job (diffsamplers.apps.few_step): disjoint noise sets, rows, the best recipe chosen on stop noises."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffsamplers.apps.few_step import Recipe, format_tables, make_problem, run_few_step
+
+SIZES = {"test": 8, "fit": 16, "stop": 8}
+
+
+def test_noise_sets_are_disjoint_and_exact() -> None:
+    problem = make_problem("mix128", SIZES)
+    xs = [problem.sets[k].x_T for k in ("test", "fit", "stop")]
+    for a in range(3):
+        for b in range(a + 1, 3):
+            assert not torch.isclose(xs[a][:1], xs[b][:1]).all()
+    assert problem.sets["fit"].reference.shape == (16, 128)
+    with pytest.raises(ValueError, match="unknown mixture"):
+        make_problem("mix1")
+
+
+def test_report_rows_and_the_best_recipe_are_chosen_on_stop_noises() -> None:
+    recipes = (Recipe("unipc", "logsnr"), Recipe("unipc:final_step=midpoint", "logsnr", teleport=True))
+    report = run_few_step(["mix128"], [5], recipes, SIZES, log=lambda _line: None)
+    prob = report["problems"]["mix128"]
+    ours = [r for r in prob["rows"] if r["library"] == "diffsamplers"]
+    assert [r["name"] for r in ours] == [r.name for r in recipes]
+    assert len(prob["rows"]) == len(recipes) + 5  # and diffusers' five schedulers
+    pick = min(ours, key=lambda r: r["errors"]["stop"]["5"])
+    assert prob["best"]["5"]["ours"] == pick["name"] and prob["best"]["5"]["ours_test"] == pick["errors"]["test"]["5"]
+    config = prob["best"]["5"]["config"]
+    assert len(config["sigmas"]) == 6 and config["sigmas"][-1] == 0.0
+    teleported = ours[1]["configs"]["5"]
+    assert teleported["teleport"] and teleported["sigmas"][0] == pytest.approx(prob["teleport_sigma"])
+    assert prob["teleport_sigma"] < make_problem("mix128", SIZES).sigma_max
+    text = format_tables(report)
+    assert "best of ours" in text and "diffusers' best" in text and ours[0]["name"] in text
