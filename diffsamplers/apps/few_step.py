@@ -406,8 +406,8 @@ def format_tables(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-#: The schedules compared on a trained model (:func:`run_model_schedules`), as builders of an n-step schedule.
 def _hand_made(process: Any) -> dict[str, Callable[[int], Schedule]]:
+    """The hand-made schedules :func:`run_model_schedules` compares, as builders of an n-step schedule."""
     return {
         "uniform logSNR": lambda n: uniform_logsnr(process, n),
         "Karras ρ=7": lambda n: karras(process, n, final="zero"),

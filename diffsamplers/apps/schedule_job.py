@@ -36,8 +36,8 @@ class StoppingRule:
     ``metric_seed``) against their reference, with the schedule ending by ``final`` as it will be run (the solver
     spec's ``final_step`` included); ``dc-solver:search`` searches ratios on ``search_samples`` others. With the
     settings' ``objective="error"`` the search itself minimises the same error on ``fit_samples`` other noises (seed
-    ``fit_seed``); both leave out samples with more than ``outlier`` times the median sample's error
-    (:class:`~diffsamplers.tuning.solver_error.SolverErrorMetric`)."""
+    ``fit_seed``), and both leave out samples with more than ``outlier`` times the median sample's error
+    (:func:`stopping_metric`, :class:`~diffsamplers.tuning.solver_error.SolverErrorMetric`)."""
 
     solver: str = "dpm++2m"
     metric_samples: int = 256
@@ -51,14 +51,17 @@ class StoppingRule:
 
 
 def stopping_metric(
-    bundle: ModelBundle, rule: StoppingRule, device: str, samples: int | None = None, seed: int | None = None
+    bundle: ModelBundle, rule: StoppingRule, device: str, role: str = "stop", error_objective: bool = False
 ) -> SolverErrorMetric:
-    """The solver's RMS error as a function of the schedule's levels (see :class:`StoppingRule`), on
-    ``samples`` noises of ``seed`` (default: the rule's held-out ones)."""
+    """The solver's RMS error as a function of the schedule's levels (see :class:`StoppingRule`): on the rule's
+    held-out noises (``role="stop"``) or its fitting noises (``"fit"``). With ``error_objective`` (the search
+    minimises this error) outliers are left out — the fit's fixed by the starting schedule, so a schedule pays for
+    the noises it sends astray; the stopping rule's each schedule's own, so a chance flip does not end the search."""
     if rule.reference_steps <= 0:
         raise ValueError("the early-stopping metric needs a reference: reference_steps must be > 0")
-    samples = rule.metric_samples if samples is None else samples
-    seed = rule.metric_seed if seed is None else seed
+    if role not in ("stop", "fit"):
+        raise ValueError(f"role must be 'stop' or 'fit', got {role!r}")
+    samples, seed = (rule.metric_samples, rule.metric_seed) if role == "stop" else (rule.fit_samples, rule.fit_seed)
     held_out = validation_set(bundle, samples, seed, device=device, reference_steps=rule.reference_steps)
     assert held_out.reference is not None
     recipe = parse_solver(rule.solver)
@@ -84,7 +87,8 @@ def stopping_metric(
         held_out.reference,
         cond=held_out.cond,
         final=rule.final,  # type: ignore[arg-type]
-        outlier=rule.outlier,
+        outlier=rule.outlier if error_objective else None,
+        fixed_outliers=role == "fit",
     )
 
 
@@ -111,16 +115,13 @@ def optimize_for_model(
     schedule_bounds(bundle.process, settings)  # endpoints outside the model's range fail before any computation
     rule = rule or StoppingRule()
     run_device = device or "cpu"
-    metric = stopping_metric(bundle, rule, run_device)
+    error_objective = settings.objective == "error"
+    metric = stopping_metric(bundle, rule, run_device, "stop", error_objective)
     objective = None
-    if settings.objective == "error":
+    if error_objective:
         if rule.fit_seed == rule.metric_seed:
             raise ValueError("the fitting noises must differ from the held-out ones: fit_seed equals metric_seed")
-        objective = stopping_metric(bundle, rule, run_device, rule.fit_samples, rule.fit_seed)
-        if isinstance(objective, SolverErrorMetric):
-            objective.fixed_outliers = True  # the fit pays for the noises it sends astray
-        if isinstance(metric, SolverErrorMetric):
-            metric.fixed_outliers = False  # a chance flip of one held-out noise does not end the search
+        objective = stopping_metric(bundle, rule, run_device, "fit", error_objective)
     out = Path(out)
     describe = {
         "model": model,
