@@ -7,12 +7,15 @@ components, means ``mean_scale``·N(0, I), on Stable Diffusion 1.5's scaled-line
 component count and spread, and the bundled one (``gmm``, its own DDPM schedule).
 
 Three disjoint sets of noises per mixture: **fit** (128, seed 1) — what a learned schedule is fitted on and DC-Solver's
-ratios are searched on; **stop** (64, seed 2) — the held-out set that stops the schedule search and picks the best
-recipe per NFE; **test** (32, seed 0) — where every number of the tables is measured. Nothing is fitted or chosen on the
-test noises. The schedule search leaves out noises with more than 20 times the median noise's error (:data:`OUTLIER`;
-on the fit set those of the starting schedule, on the stop set each candidate's own): a few noises lie on a boundary
-between components where any few-step solver ends in another component than the exact ODE, and their errors would
-otherwise decide the search. The choice of the best recipe and every table use the plain RMS.
+ratios are searched on; **stop** (64, seed 2) — the held-out set that stops the schedule search, picks the teleport
+level and the best recipe per NFE; **test** (128, seed 0) — where every number of the tables is measured: the RMS over
+its first 32 noises (the protocol of issue 15, :data:`HEADLINE_SAMPLES`) and, beside it, over all 128 with the count
+of noises that end far from the exact solution (more than :data:`OUTLIER` times the median noise's error: in another
+component). Nothing is fitted or chosen on the test noises. The schedule search leaves out noises with more than 20
+times the median noise's error (:data:`OUTLIER`; on the fit set those of the starting schedule, on the stop set each
+candidate's own): a few noises lie on a boundary between components where any few-step solver ends in another
+component than the exact ODE, and their errors would otherwise decide the search. The choice of the best recipe and
+every table use the plain RMS.
 
 The ingredients, each measured on its own:
 
@@ -20,8 +23,11 @@ The ingredients, each measured on its own:
   ("midpoint");
 * **learned schedules** (:func:`~diffsamplers.tuning.ays_optimizer.optimize_schedule` with the solver's error as the
   objective, final convention and final step as run) vs uniform logSNR and Karras ρ = 7 with the same solver;
-* **Gaussian teleportation** (:func:`~diffsamplers.teleport.gaussian.teleport_level`'s criterion, tolerance 0.01):
-  the n evaluations spent from the teleport level down, vs from σ_max;
+* **Gaussian teleportation** (:func:`~diffsamplers.teleport.gaussian.teleport_level`'s criterion): the n evaluations
+  spent from the teleport level down, vs from σ_max — on uniform logSNR the level chosen per NFE on the stop noises
+  among the criterion's levels for tolerances 0.03 … 0.001 and no teleport
+  (:func:`~diffsamplers.tuning.teleport_choice.choose_teleport`); a learned schedule fits its top level too, starting
+  from the level chosen for uniform logSNR at that NFE (``AYSSettings.teleport_from``);
 * **DC-Solver** ratios searched (greedy, the paper's search) on fit noises for the learned schedule.
 
 The best recipe per NFE is the one with the smallest error on the stop noises; diffusers' schedulers (DPM-Solver++
@@ -39,7 +45,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..metrics.errors import rms_error
 from ..models.gmm import GaussianMixture, default_mixture, default_process, reference_solution
 from ..noise import DiscreteVP
 from ..sampling import initial_noise
@@ -47,11 +52,12 @@ from ..schedules.schedule import Schedule
 from ..schedules.spacing import from_sigmas, karras, uniform_logsnr
 from ..solvers.base import Solver
 from ..solvers.dc_solver import DCSolver
-from ..teleport.gaussian import teleport_level
+from ..teleport.gaussian import TeleportLevel, teleport_level
 from ..teleport.statistics import GaussianStatistics
 from ..tuning.ays_optimizer import AYSSettings, optimize_schedule
 from ..tuning.dc_search import search_dc_ratios
 from ..tuning.solver_error import SolverErrorMetric
+from ..tuning.teleport_choice import TELEPORT_TOLERANCES, TeleportChoice, choose_teleport
 from .compare import Method, network_bundle, run_method
 from .recipes import parse_solver
 
@@ -74,6 +80,8 @@ TEST_SEED, FIT_SEED, STOP_SEED = 0, 1, 2
 #: Fit and stop samples whose error exceeds this many times the median sample's are left out of the search and the
 #: choice (boundary noises, :class:`~diffsamplers.tuning.solver_error.SolverErrorMetric`).
 OUTLIER = 20.0
+#: The headline tables' RMS is over the first this many test noises (issue 15's protocol: 32 samples).
+HEADLINE_SAMPLES = 32
 SD15_BETAS = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
 _SD15_CONFIG = {"num_train_timesteps": 1000, **SD15_BETAS}
 _GMM_CONFIG = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear"}
@@ -169,7 +177,7 @@ def make_problem(name: str, sizes: dict[str, int] | None = None) -> MixtureProbl
     description, build = PROBLEMS[name]
     gmm, process, config = build()
     problem = MixtureProblem(name, description, gmm, process, dict(config))
-    sizes = {"test": 32, "fit": 128, "stop": 64, **(sizes or {})}
+    sizes = {"test": 128, "fit": 128, "stop": 64, **(sizes or {})}
     for which, seed in (("test", TEST_SEED), ("fit", FIT_SEED), ("stop", STOP_SEED)):
         x_T = initial_noise(process, problem.sigma_max, (sizes[which], *gmm.sample_shape), seed)
         ref = reference_solution(gmm, process, x_T.double(), problem.sigma_max, 0.0).float()
@@ -198,31 +206,49 @@ class Recipe:
 
 @dataclass
 class _Fitted:
-    """What a run learns per mixture (cached across rows): teleport level, schedules, ratios."""
+    """What a run learns per mixture (cached across rows): the teleport criterion's curve, the teleport levels chosen,
+    schedules, ratios."""
 
     problem: MixtureProblem
-    teleport: float | None = None
+    curve: TeleportLevel | None = None
+    teleports: dict[tuple[str, int], TeleportChoice] = field(default_factory=dict)
     schedules: dict[tuple[str, int, bool], np.ndarray] = field(default_factory=dict)
     ratios: dict[tuple[str, int, bool], list[float]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     log: Callable[[str], None] = print
 
-    def top(self, recipe: Recipe) -> float:
-        if not recipe.teleport:
-            return self.problem.sigma_max
-        if self.teleport is None:
+    def teleport_curve(self) -> TeleportLevel:
+        """The criterion's curve down to the loosest tolerance tried (the stricter ones are read off it)."""
+        if self.curve is None:
             t = time.time()
-            self.teleport = teleport_level(self.problem.denoiser, self.problem.stats, tolerance=0.01).sigma
+            loosest = max(TELEPORT_TOLERANCES)
+            self.curve = teleport_level(self.problem.denoiser, self.problem.stats, tolerance=loosest)
             self.seconds["teleport level"] = round(time.time() - t, 1)
-            self.log(f"{self.problem.name}: teleport level σ = {self.teleport:.4g}")
-        return self.teleport
+            levels = ", ".join(f"{tol:g}: σ̃ = {self.curve.at(tol).sigma:.4g}" for tol in TELEPORT_TOLERANCES)
+            self.log(f"{self.problem.name}: teleport levels {levels}")
+        return self.curve
+
+    def teleport_start(self, solver: str, nfe: int) -> float:
+        """Where a learned teleporting schedule's search starts: the level chosen for uniform logSNR at this NFE."""
+        return float(self.schedule(Recipe(solver, "logsnr", teleport=True), nfe).sigmas[0])
 
     def schedule(self, recipe: Recipe, nfe: int) -> Schedule:
-        process, top = self.problem.process, self.top(recipe)
+        """The n-evaluation schedule of ``recipe`` (for a teleporting recipe: from the teleport level down)."""
+        process, top = self.problem.process, self.problem.sigma_max
+        if recipe.teleport and recipe.schedule == "logsnr":
+            key = (recipe.solver, nfe)
+            if key not in self.teleports:
+                solver = parse_solver(recipe.solver).build()
+                metric = self.problem.metric("stop", solver)
+                self.teleports[key] = choose_teleport(self.teleport_curve(), metric, solver, nfe)
+            chosen = self.teleports[key].schedule
+            return Schedule(chosen.sigmas[int(chosen.metadata["teleport_skip"]) :], metadata=chosen.metadata)
+        if recipe.teleport and recipe.schedule != "learned":
+            raise ValueError(f"teleporting recipes run on uniform logSNR or a learned schedule, not {recipe.schedule}")
         if recipe.schedule == "logsnr":
-            return uniform_logsnr(process, nfe, sigma_max=top)
+            return uniform_logsnr(process, nfe)
         if recipe.schedule == "karras":
-            return karras(process, nfe, final="zero", sigma_max=top)
+            return karras(process, nfe, final="zero")
         spec = recipe.schedule_solver or recipe.solver
         key = (spec, nfe, recipe.teleport)
         if key not in self.schedules:
@@ -238,7 +264,8 @@ class _Fitted:
                 patience=3,
                 radius=0.5,
                 min_radius=2e-3,
-                sigma_max=top,
+                sigma_max=self.teleport_start(spec, nfe) if recipe.teleport else top,
+                teleport_from=top if recipe.teleport else None,
             )
             learned = optimize_schedule(
                 self.problem.denoiser,
@@ -301,18 +328,21 @@ def run_few_step(
         fitted = _Fitted(problem, log=log)
         rows: list[dict[str, Any]] = []
         for recipe in recipes:
-            errors: dict[str, dict[str, float]] = {"test": {}, "stop": {}}
+            errors: dict[str, dict[str, Any]] = {"test": {}, "test_all": {}, "far": {}, "test_rest": {}, "stop": {}}
             configs: dict[str, dict[str, Any]] = {}
             for nfe in nfes:
                 schedule = fitted.schedule(recipe, nfe)
                 solver = fitted.solver(recipe, nfe, schedule)
-                for which in ("test", "stop"):
-                    errors[which][str(nfe)] = problem.metric(which, solver).error(schedule, solver)
+                _test_errors(errors, nfe, problem.metric("test", solver).squared_errors(schedule, solver))
+                errors["stop"][str(nfe)] = problem.metric("stop", solver).error(schedule, solver)
                 ratios = fitted.ratios.get((recipe.solver, nfe, recipe.teleport)) if recipe.dc_search else None
+                logsnr = recipe.teleport and recipe.schedule == "logsnr"
+                choice = fitted.teleports.get((recipe.solver, nfe)) if logsnr else None
                 configs[str(nfe)] = {
                     "solver": recipe.solver,
                     "sigmas": schedule.sigmas.tolist(),
-                    "teleport": recipe.teleport,
+                    "teleport": bool(schedule.sigmas[0] < problem.sigma_max * (1 - 1e-9)),
+                    "teleport_tolerance": None if choice is None else choice.tolerance,
                     "ratios": ratios,
                 }
             rows.append(
@@ -327,19 +357,22 @@ def run_few_step(
             log(f"{name}: {recipe.name}: " + ", ".join(f"{n}: {errors['test'][str(n)]:.2e}" for n in nfes))
         bundle = network_bundle(name, problem.gmm, problem.process, "epsilon", problem.config)
         for label, spec in DIFFUSERS_METHODS:
-            errors = {"test": {}}
+            errors = {"test": {}, "test_all": {}, "far": {}, "test_rest": {}}
             for nfe in nfes:
                 test = problem.sets["test"]
                 result = run_method(Method(label, spec), bundle, nfe, test.x_T, name)
                 assert result is not None
-                errors["test"][str(nfe)] = rms_error(result[0], test.reference)
+                squared = (result[0].double() - test.reference.double()).flatten(1).pow(2).mean(1)
+                _test_errors(errors, nfe, squared)
             rows.append({"name": f"diffusers {label}", "library": "diffusers", "spec": spec, "errors": errors})
             log(f"{name}: diffusers {label}: " + ", ".join(f"{n}: {errors['test'][str(n)]:.2e}" for n in nfes))
         out["problems"][name] = {
             "description": problem.description,
             "nfe": [int(n) for n in nfes],
             "sizes": {k: int(v.x_T.shape[0]) for k, v in problem.sets.items()},
-            "teleport_sigma": fitted.teleport,
+            "teleport_levels": None
+            if fitted.curve is None
+            else {str(tol): fitted.curve.at(tol).sigma for tol in TELEPORT_TOLERANCES},
             "rows": rows,
             "best": _best(rows, nfes),
             "learned_levels": {
@@ -351,6 +384,16 @@ def run_few_step(
     return out
 
 
+def _test_errors(errors: dict[str, dict[str, Any]], nfe: int, squared: torch.Tensor) -> None:
+    """Record the test RMS over the first :data:`HEADLINE_SAMPLES` noises, over all, and the count of far noises."""
+    key = str(nfe)
+    errors["test"][key] = float(squared[:HEADLINE_SAMPLES].mean().sqrt())
+    errors["test_all"][key] = float(squared.mean().sqrt())
+    far = squared > OUTLIER**2 * squared.median()
+    errors["far"][key] = int(far.sum())
+    errors["test_rest"][key] = float(squared[~far].mean().sqrt())
+
+
 def _best(rows: list[dict[str, Any]], nfes: Sequence[int]) -> dict[str, Any]:
     """Per NFE: our recipe with the smallest *stop* error (its test error reported), and diffusers' best on test."""
     best: dict[str, Any] = {}
@@ -358,14 +401,23 @@ def _best(rows: list[dict[str, Any]], nfes: Sequence[int]) -> dict[str, Any]:
         key = str(nfe)
         ours = [r for r in rows if r["library"] == "diffsamplers"]
         pick = min(ours, key=lambda r: r["errors"]["stop"][key])
-        theirs = min((r for r in rows if r["library"] == "diffusers"), key=lambda r: r["errors"]["test"][key])
+        diffusers = [r for r in rows if r["library"] == "diffusers"]
+        theirs = min(diffusers, key=lambda r: r["errors"]["test"][key])
+        theirs_all = min(diffusers, key=lambda r: r["errors"]["test_all"][key])
         best[key] = {
             "ours": pick["name"],
             "ours_stop": pick["errors"]["stop"][key],
             "config": pick["configs"][key],
             "ours_test": pick["errors"]["test"][key],
+            "ours_test_all": pick["errors"]["test_all"][key],
+            "ours_far": pick["errors"]["far"][key],
+            "ours_rest": pick["errors"]["test_rest"][key],
             "diffusers": theirs["name"],
             "diffusers_test": theirs["errors"]["test"][key],
+            "diffusers_all": theirs_all["name"],
+            "diffusers_test_all": theirs_all["errors"]["test_all"][key],
+            "diffusers_far": theirs_all["errors"]["far"][key],
+            "diffusers_rest": theirs_all["errors"]["test_rest"][key],
         }
     return best
 
@@ -378,10 +430,12 @@ def format_tables(report: dict[str, Any]) -> str:
         nfes = [str(n) for n in prob.get("nfe", report["nfe"])]
         lines += [f"### {name}: {prob['description']}", ""]
         sizes = prob["sizes"]
-        teleport = prob["teleport_sigma"]
+        teleport = prob.get("teleport_levels")
+        levels = "" if not teleport else ", ".join(f"{float(v):.3g} ({t})" for t, v in teleport.items())
         lines.append(
-            f"RMS error on {sizes['test']} test noises (fit {sizes['fit']}, stop {sizes['stop']})"
-            + ("" if teleport is None else f"; teleport level σ̃ = {teleport:.3g} (tolerance 0.01)")
+            f"RMS error on the first {min(HEADLINE_SAMPLES, sizes['test'])} of {sizes['test']} test noises "
+            f"(fit {sizes['fit']}, stop {sizes['stop']})"
+            + (f"; the criterion's teleport levels σ̃ (tolerance): {levels}" if levels else "")
         )
         lines += ["", "| method | " + " | ".join(nfes) + " |", "|---|" + "---|" * len(nfes)]
         for row in prob["rows"]:
@@ -394,7 +448,42 @@ def format_tables(report: dict[str, Any]) -> str:
             + " |"
         )
         lines.append("| diffusers' best | " + " | ".join(f"{best[n]['diffusers_test']:.2e}" for n in nfes) + " |")
+        if "test_all" in prob["rows"][0]["errors"]:
+            total = prob["sizes"]["test"]
+            lines += [
+                "",
+                f"All {total} test noises: RMS error / the number of noises ending more than {OUTLIER:g}× the median "
+                "noise's error from the exact solution (in another component) / the RMS error of the others",
+                "",
+                "| method | " + " | ".join(nfes) + " |",
+                "|---|" + "---|" * len(nfes),
+            ]
+            for row in prob["rows"]:
+                cells = [
+                    _all_cell(row["errors"]["test_all"][n], row["errors"]["far"][n], row["errors"]["test_rest"][n])
+                    for n in nfes
+                ]
+                lines.append(f"| {row['name']} | " + " | ".join(cells) + " |")
+            lines.append(
+                "| **best of ours (chosen on stop noises)** | "
+                + " | ".join(
+                    "**" + _all_cell(best[n]["ours_test_all"], best[n]["ours_far"], best[n]["ours_rest"]) + "**"
+                    for n in nfes
+                )
+                + " |"
+            )
+            lines.append(
+                "| diffusers' best | "
+                + " | ".join(
+                    _all_cell(best[n]["diffusers_test_all"], best[n]["diffusers_far"], best[n]["diffusers_rest"])
+                    for n in nfes
+                )
+                + " |"
+            )
         lines += ["", "Best of ours per NFE: " + "; ".join(f"{n}: {best[n]['ours']}" for n in nfes) + "."]
+        for row in prob["rows"]:
+            if row["library"] == "diffsamplers" and row["recipe"]["teleport"] and not row["recipe"]["dc_search"]:
+                lines.append(f"Start level σ̃ per NFE, {row['name']}: " + _start_levels(row, nfes) + ".")
         by_name = {row["name"]: row["errors"]["test"] for row in prob["rows"]}
         for plain, label in ((_LOGSNR_ROW, "uniform logSNR"), (_LEARNED_ROW, "learned")):
             teleported = by_name.get(plain + " + teleport")
@@ -404,6 +493,21 @@ def format_tables(report: dict[str, Any]) -> str:
                 lines.append(f"Teleport ({label}): NFE with teleport → NFE without it at the same error: {cells}.")
         lines.append("")
     return "\n".join(lines)
+
+
+def _all_cell(rms: float, far: int, rest: float) -> str:
+    return f"{rms:.2e} / {far} / {rest:.2e}"
+
+
+def _start_levels(row: dict[str, Any], nfes: Sequence[str]) -> str:
+    """Where a teleporting row's solver starts per NFE (and the tolerance chosen, or "no teleport")."""
+    out = []
+    for n in nfes:
+        cfg = row["configs"][n]
+        tol = cfg.get("teleport_tolerance")
+        note = "" if tol is None else f" (tolerance {tol:g})"
+        out.append(f"{n}: {cfg['sigmas'][0]:.3g}{note}" if cfg["teleport"] else f"{n}: no teleport")
+    return "; ".join(out)
 
 
 def _hand_made(process: Any) -> dict[str, Callable[[int], Schedule]]:

@@ -76,7 +76,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -262,6 +262,19 @@ class TeleportLevel:
     def reached_floor(self) -> bool:
         """Whether every level down to ``sigma_floor`` passed."""
         return bool(self.sigmas) and self.sigmas[-1] <= self.sigma_floor and max(self.errors) <= self.tolerance
+
+    def at(self, tolerance: float) -> TeleportLevel:
+        """The level for a stricter ``tolerance`` (at most this one's), read off the same curve: the lowest tested σ̃
+        with e ≤ ``tolerance`` there and at every level above (``sigma_start`` when the first level fails)."""
+        tolerance = _check_tolerance(tolerance)
+        if tolerance > self.tolerance:
+            raise ValueError(
+                f"the curve was computed for tolerance {self.tolerance} and stops at its first failure: a looser "
+                f"tolerance {tolerance} needs teleport_level(..., tolerance={tolerance})"
+            )
+        ok = next((k for k, e in enumerate(self.errors) if e > tolerance), len(self.errors))
+        sigma = self.sigmas[ok - 1] if ok else self.sigma_start
+        return replace(self, sigma=float(sigma), tolerance=tolerance)
 
 
 @dataclass(frozen=True)

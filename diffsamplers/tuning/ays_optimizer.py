@@ -27,7 +27,11 @@ paper's description:
   they will be run, on *fitting* noises — the same coordinate search minimises that error directly, one level at a
   time (the error couples all levels, so a sweep is Gauss–Seidel over the interior levels, the current value
   among the candidates so the objective never rises), and ``metric`` on *other* noises stops it. No data bank is
-  needed; one stage per step count (no refinement), as the schedule is fitted per NFE.
+  needed; one stage per step count (no refinement), as the schedule is fitted per NFE. With ``teleport_from`` (the
+  level the initial noise is drawn at) the top level is searched too, between the next level and ``teleport_from``:
+  the objective then scores a Gaussian teleport from there to the top level followed by the solver
+  (:class:`~diffsamplers.tuning.solver_error.SolverErrorMetric` with ``teleport``), so how far to teleport is
+  fitted per NFE on the solver's error rather than set by a tolerance (Wang & Vastola 2024, arXiv:2412.09726).
 * **Hierarchical refinement** — the schedule is subdivided at log-midpoints (10 → 20 → 40 steps by default) and
   only the new levels are optimised, until their radii shrink below ``min_radius`` (no early stopping).
 
@@ -86,6 +90,7 @@ class AYSSettings:
     objective: str = "klub"  # "klub" (the paper) or "error" (the objective callable of optimize_schedule)
     sigma_min: float | None = None
     sigma_max: float | None = None
+    teleport_from: float | None = None  # "error" only: the top level is searched too, below this start level
     seed: int = 0
     batch_size: int = 4096
 
@@ -106,6 +111,13 @@ class AYSSettings:
             raise ValueError(
                 f"objective 'error' fits one schedule per step count: refinements must be 0, got {self.refinements}"
             )
+        if self.teleport_from is not None:
+            if self.objective != "error":
+                raise ValueError(
+                    "teleport_from searches the top level on the solver's error: it needs objective 'error'"
+                )
+            if not (math.isfinite(self.teleport_from) and self.teleport_from > 0):
+                raise ValueError(f"teleport_from must be a positive, finite noise level, got {self.teleport_from}")
 
 
 class ScheduleBoundsError(ValueError):
@@ -129,6 +141,11 @@ def schedule_bounds(process: NoiseProcess, settings: AYSSettings) -> tuple[float
     if not lo < hi:
         name = "sigma_min" if settings.sigma_min is not None else "sigma_max"
         raise ScheduleBoundsError(name, f"sigma_min {lo:g} must be below sigma_max {hi:g}")
+    top = settings.teleport_from
+    if top is not None and not hi <= top <= process.sigma_max * (1 + 1e-9):
+        raise ScheduleBoundsError(
+            "sigma_max", f"teleport_from {top:g} must lie between the first level {hi:g} and the model's σ_max"
+        )
     return lo, hi
 
 
@@ -153,9 +170,13 @@ def initial_levels(process: NoiseProcess, settings: AYSSettings) -> np.ndarray:
     return levels
 
 
-def _candidates(levels: np.ndarray, i: int, radius: float, count: int) -> np.ndarray:
-    """The current level first, then (count − 1)/2 candidates towards each neighbour, spaced in log σ."""
-    cur, lo, hi = math.log(levels[i]), math.log(levels[i + 1]), math.log(levels[i - 1])
+def _candidates(levels: np.ndarray, i: int, radius: float, count: int, ceiling: float | None = None) -> np.ndarray:
+    """The current level first, then (count − 1)/2 candidates towards each neighbour, spaced in log σ (the top level,
+    ``i`` = 0, moves between the next level and ``ceiling``)."""
+    above = levels[i - 1] if i > 0 else ceiling
+    if above is None:
+        raise ValueError("the top level moves only below a ceiling (AYSSettings.teleport_from)")
+    cur, lo, hi = math.log(levels[i]), math.log(levels[i + 1]), math.log(above)
     half = (count - 1) // 2
     steps = np.arange(1, half + 1) / half * radius
     return np.exp(np.concatenate([[cur], cur - steps * (cur - lo), cur + steps * (hi - cur)]))
@@ -177,12 +198,18 @@ class _ErrorObjective:
 
 
 def _search_error(
-    levels: np.ndarray, indices: list[int], radii: np.ndarray, est: _ErrorObjective, count: int
+    levels: np.ndarray,
+    indices: list[int],
+    radii: np.ndarray,
+    est: _ErrorObjective,
+    count: int,
+    ceiling: float | None = None,
 ) -> tuple[np.ndarray, bool]:
-    """Gauss–Seidel coordinate update of ``indices`` in turn on a non-separable objective."""
+    """Gauss–Seidel coordinate update of ``indices`` in turn on a non-separable objective (index 0, the top level,
+    below ``ceiling``)."""
     out, moved = levels.copy(), False
     for i in indices:
-        cands = _candidates(out, i, radii[i], count)
+        cands = _candidates(out, i, radii[i], count, ceiling)
         values = []
         for m in cands:
             trial = out.copy()
@@ -198,11 +225,16 @@ def _search_error(
 
 
 def _search(
-    levels: np.ndarray, indices: list[int], radii: np.ndarray, est: KLUBEstimator | _ErrorObjective, count: int
+    levels: np.ndarray,
+    indices: list[int],
+    radii: np.ndarray,
+    est: KLUBEstimator | _ErrorObjective,
+    count: int,
+    ceiling: float | None = None,
 ) -> tuple[np.ndarray, bool]:
     """One batched coordinate update of mutually non-adjacent ``indices``; returns (levels, whether any moved)."""
     if isinstance(est, _ErrorObjective):
-        return _search_error(levels, indices, radii, est, count)
+        return _search_error(levels, indices, radii, est, count, ceiling)
     if not indices:
         return levels, False
     cands = {i: _candidates(levels, i, radii[i], count) for i in indices}
@@ -371,16 +403,19 @@ def _initial_state(run: _Run, process: NoiseProcess) -> SearchState:
     return state
 
 
-def _movable(state: SearchState) -> list[int]:
-    """The levels a sweep moves: every interior one in the first stage, the new (odd) ones in a refinement."""
+def _movable(state: SearchState, settings: AYSSettings) -> list[int]:
+    """The levels a sweep moves: every interior one in the first stage (and the top one with ``teleport_from``), the
+    new (odd) ones in a refinement."""
     n = state.levels.size - 1
-    return list(range(1, n)) if state.stage == 0 else list(range(1, n, 2))
+    if state.stage:
+        return list(range(1, n, 2))
+    return list(range(0 if settings.teleport_from is not None else 1, n))
 
 
 def _stage_finished(run: _Run, state: SearchState) -> bool:
     first = state.stage == 0
     limit = run.settings.max_sweeps if first else run.settings.refine_sweeps
-    if state.sweep >= limit or max(state.radii[_movable(state)]) < run.settings.min_radius:
+    if state.sweep >= limit or max(state.radii[_movable(state, run.settings)]) < run.settings.min_radius:
         return True
     return first and run.metric is not None and state.since_best >= run.settings.patience
 
@@ -388,9 +423,9 @@ def _stage_finished(run: _Run, state: SearchState) -> bool:
 def _sweep(run: _Run, state: SearchState) -> None:
     """One coordinate sweep (odd then even levels in the first stage, the new levels in a refinement), then the
     KLUB and, in the first stage, the early-stopping metric."""
-    movable, count = _movable(state), run.settings.num_candidates
+    movable, count = _movable(state, run.settings), run.settings.num_candidates
     if isinstance(run.estimator, _ErrorObjective):
-        levels, _ = _search(state.levels, movable, state.radii, run.estimator, count)
+        levels, _ = _search(state.levels, movable, state.radii, run.estimator, count, run.settings.teleport_from)
     elif state.stage == 0:
         levels, _ = _search(state.levels, movable[0::2], state.radii, run.estimator, count)
         levels, _ = _search(levels, movable[1::2], state.radii, run.estimator, count)

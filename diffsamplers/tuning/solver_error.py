@@ -14,7 +14,6 @@ import numpy as np
 import torch
 
 from ..denoiser import Denoiser
-from ..metrics.errors import rms_error
 from ..sampling import sample
 from ..schedules.align_your_steps import AysFinal, schedule_from_levels
 from ..schedules.schedule import Schedule
@@ -88,15 +87,19 @@ class SolverErrorMetric:
     def schedule(self, levels: np.ndarray) -> Schedule:
         return schedule_from_levels(levels, len(levels) - 1, self.final, self.denoiser.process)
 
-    def error(self, schedule: Schedule, solver: Solver) -> float:
-        """RMS error of ``solver`` on ``schedule`` from ``x_T`` against the reference."""
+    def squared_errors(self, schedule: Schedule, solver: Solver) -> torch.Tensor:
+        """Each sample's mean squared error (float64, on the CPU) of ``solver`` on ``schedule`` from ``x_T``."""
         x_T = self.start(float(schedule.sigmas[0]))
         out = sample(
             self.denoiser, solver, schedule, x_T=x_T, cond=self.cond, batch_size=self.batch_size, progress=False
         )
+        return (out.double().cpu() - self.reference.double().cpu()).flatten(1).pow(2).mean(1)
+
+    def error(self, schedule: Schedule, solver: Solver) -> float:
+        """RMS error of ``solver`` on ``schedule`` from ``x_T`` against the reference (``outlier`` noises left out)."""
+        per_sample = self.squared_errors(schedule, solver)
         if self.outlier is None:
-            return rms_error(out, self.reference)
-        per_sample = (out.double().cpu() - self.reference.double().cpu()).flatten(1).pow(2).mean(1)
+            return float(per_sample.mean().sqrt())
         keep = per_sample <= self.outlier**2 * per_sample.median()  # RMS per sample ≤ outlier × the median's
         if not self.fixed_outliers:
             return float(per_sample[keep].mean().sqrt())

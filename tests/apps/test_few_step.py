@@ -30,10 +30,18 @@ def test_report_rows_and_the_best_recipe_are_chosen_on_stop_noises() -> None:
     assert len(prob["rows"]) == len(recipes) + 5  # and diffusers' five schedulers
     pick = min(ours, key=lambda r: r["errors"]["stop"]["5"])
     assert prob["best"]["5"]["ours"] == pick["name"] and prob["best"]["5"]["ours_test"] == pick["errors"]["test"]["5"]
+    for row in prob["rows"]:  # the first 32 test noises (here all 8), all of them, and the count of far ones
+        errors = row["errors"]
+        assert errors["test"]["5"] == pytest.approx(errors["test_all"]["5"]) and 0 <= errors["far"]["5"] <= 8
     config = prob["best"]["5"]["config"]
     assert len(config["sigmas"]) == 6 and config["sigmas"][-1] == 0.0
-    teleported = ours[1]["configs"]["5"]
-    assert teleported["teleport"] and teleported["sigmas"][0] == pytest.approx(prob["teleport_sigma"])
-    assert prob["teleport_sigma"] < make_problem("mix128", SIZES).sigma_max
+    teleported, levels = ours[1]["configs"]["5"], prob["teleport_levels"]
+    assert sorted(levels, key=float) == ["0.001", "0.003", "0.01", "0.03"]
+    assert all(levels[a] >= levels[b] for a, b in zip(["0.001", "0.003", "0.01"], ["0.003", "0.01", "0.03"]))
+    if teleported["teleport"]:  # the level of the tolerance chosen on the stop noises
+        assert teleported["sigmas"][0] == pytest.approx(levels[str(teleported["teleport_tolerance"])])
+    else:
+        assert teleported["teleport_tolerance"] is None
+    assert levels["0.03"] < make_problem("mix128", SIZES).sigma_max
     text = format_tables(report)
     assert "best of ours" in text and "diffusers' best" in text and ours[0]["name"] in text

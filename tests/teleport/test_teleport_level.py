@@ -106,6 +106,13 @@ def test_level_falls_as_tolerance_grows():
         last_ok = lev.sigmas.index(lev.sigma)
         assert max(lev.errors[: last_ok + 1]) <= lev.tolerance < lev.errors[-1] and last_ok == len(lev.sigmas) - 2
         assert lev.sigmas[0] == process.sigma_max and lev.errors[0] == 0.0
+    # a stricter tolerance reads the same level off a looser one's curve, without new model calls
+    loosest = levels[-1]
+    for lev in levels[:-1]:
+        assert loosest.at(lev.tolerance).sigma == lev.sigma and loosest.at(lev.tolerance).tolerance == lev.tolerance
+    assert loosest.at(1e-9).sigma == process.sigma_max  # even the first tested level fails: no teleport
+    with pytest.raises(ValueError, match="looser"):
+        levels[0].at(0.05)
 
 
 def test_teleport_schedule_spends_exactly_nfe_evaluations():

@@ -152,3 +152,32 @@ def test_cli_fits_the_solver_error_with_its_final_step(tmp_path) -> None:
     assert sorted(learned.stages) == [4] and meta["settings"]["objective"] == "error"
     assert meta["final"] == "zero" and meta["fit_samples"] == 24 and meta["solver"] == "unipc:final_step=midpoint"
     assert meta["outlier"] == 20.0 and meta["objective_history"][-1] <= meta["objective_history"][0]
+
+
+def test_top_level_is_searched_below_teleport_from(sets) -> None:
+    """With ``teleport_from`` the top level moves too (a Gaussian teleport from the initial noise's level down to
+    it, scored by a teleporting metric), never above ``teleport_from``; the objective never rises and the held-out
+    error of the fitted teleport + schedule is no worse than the starting one's."""
+    solver = UniPC().with_final_step("midpoint")
+    stats = GaussianStatistics.from_gmm(GMM)
+    fit, stop, test = (
+        SolverErrorMetric(DEN, solver, *sets[k], final="zero", teleport=stats, sigma_start=TOP)
+        for k in ("fit", "stop", "test")
+    )
+    start = 1.5  # too far down: the teleported state is off by more than the solver's error
+    learned = optimize_schedule(
+        DEN, None, _settings(5, sigma_max=start, teleport_from=TOP), metric=stop, objective=fit, log=None
+    )
+    levels = learned.levels(5)
+    assert start < levels[0] <= TOP  # the top level moved up, within the ceiling
+    assert all(np.diff(levels) < 0)
+    history = learned.metadata["objective_history"]
+    assert all(b <= a for a, b in zip(history, history[1:]))
+    fixed_top = optimize_schedule(DEN, None, _settings(5, sigma_max=start), metric=stop, objective=fit, log=None)
+    assert fixed_top.levels(5)[0] == start
+    assert fit(levels) <= fit(fixed_top.levels(5))
+    assert test(levels) < test(fixed_top.levels(5))
+    with pytest.raises(ValueError, match="objective 'error'"):
+        AYSSettings(teleport_from=TOP)
+    with pytest.raises(ValueError, match="teleport_from"):
+        optimize_schedule(DEN, None, _settings(4, sigma_max=start, teleport_from=1.0), objective=fit, log=None)
