@@ -241,8 +241,7 @@ class _Fitted:
                 solver = parse_solver(recipe.solver).build()
                 metric = self.problem.metric("stop", solver)
                 self.teleports[key] = choose_teleport(self.teleport_curve(), metric, solver, nfe)
-            chosen = self.teleports[key].schedule
-            return Schedule(chosen.sigmas[int(chosen.metadata["teleport_skip"]) :], metadata=chosen.metadata)
+            return self.teleports[key].solver_schedule
         if recipe.teleport and recipe.schedule != "learned":
             raise ValueError(f"teleporting recipes run on uniform logSNR or a learned schedule, not {recipe.schedule}")
         if recipe.schedule == "logsnr":

@@ -19,7 +19,7 @@ from typing import Any
 
 from ..schedules.schedule import Schedule
 from ..solvers.base import Solver
-from ..teleport.gaussian import TeleportLevel, teleport_schedule
+from ..teleport.gaussian import GaussianTeleport, TeleportLevel, teleport_schedule
 from .solver_error import SolverErrorMetric
 
 __all__ = ["TELEPORT_TOLERANCES", "TeleportChoice", "choose_teleport"]
@@ -43,6 +43,15 @@ class TeleportChoice:
     tolerance: float | None
     sigma: float
     errors: dict[float | None, float]
+
+    @property
+    def solver_schedule(self) -> Schedule:
+        """The levels the solver runs: :attr:`schedule` after its teleport entry (if any)."""
+        return _after_teleport(self.schedule)
+
+
+def _after_teleport(schedule: Schedule) -> Schedule:
+    return GaussianTeleport.remaining(schedule, int(schedule.metadata["teleport_skip"]))
 
 
 def choose_teleport(
@@ -82,9 +91,7 @@ def choose_teleport(
             process, level, nfe, spacing, final, sigma_start=curve.sigma_start, **spacing_kwargs
         )
         if level not in scored:
-            sched = schedules[tol]
-            run = Schedule(sched.sigmas[int(sched.metadata["teleport_skip"]) :], metadata=sched.metadata)
-            scored[level] = metric.error(run, solver)
+            scored[level] = metric.error(_after_teleport(schedules[tol]), solver)
         errors[tol] = scored[level]
     best = min(errors, key=lambda t: errors[t])  # dicts keep insertion order: ties keep the earlier
     return TeleportChoice(schedules[best], best, levels[best], errors)

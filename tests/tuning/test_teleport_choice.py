@@ -49,7 +49,8 @@ def test_the_choice_is_the_smallest_measured_error(noises, curve) -> None:
     else:
         assert skip == 1 and choice.sigma == curve.at(choice.tolerance).sigma < TOP
     # the error recorded is the recipe's as run: teleport from σ_max, then the solver
-    run = type(choice.schedule)(choice.schedule.sigmas[skip:], metadata=choice.schedule.metadata)
+    run = choice.solver_schedule
+    assert run.num_steps == 5 and run.sigmas[0] == pytest.approx(choice.sigma)
     assert _metric(solver, noises).error(run, solver) == pytest.approx(choice.errors[choice.tolerance])
     # a coarse solver takes a teleport: its own error at 5 evaluations dwarfs the teleport's
     assert choice.tolerance is not None
