@@ -72,7 +72,9 @@ __all__ = [
     "Recipe",
     "make_problem",
     "equivalent_nfe",
+    "format_rescore",
     "format_tables",
+    "rescore",
     "run_few_step",
 ]
 
@@ -381,6 +383,58 @@ def run_few_step(
             "seconds": {**fitted.seconds, "total": round(time.time() - t0, 1)},
         }
     return out
+
+
+def rescore(report: dict[str, Any], name: str, test_samples: int, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Every row of a finished run on mixture ``name`` — our recipes as they were fitted (levels, teleport, DC ratios
+    from the report) and diffusers' schedulers — scored again on ``test_samples`` test noises (seed 0, so the run's
+    own test noises come first and the first :data:`HEADLINE_SAMPLES` errors reproduce the report's): per NFE the
+    RMS over all of them, the count of noises ending in another component and the RMS of the rest. Nothing is
+    fitted again."""
+    prob = report["problems"][name]
+    problem = make_problem(name, {"test": test_samples, "fit": 1, "stop": 1})
+    test = problem.sets["test"]
+    bundle = network_bundle(name, problem.gmm, problem.process, "epsilon", problem.config)
+    rows = []
+    for row in prob["rows"]:
+        errors: dict[str, dict[str, Any]] = {"test": {}, "test_all": {}, "far": {}, "test_rest": {}}
+        for nfe in prob["nfe"]:
+            if row["library"] == "diffsamplers":
+                cfg = row["configs"][str(nfe)]
+                ratios = cfg["ratios"]
+                spec = parse_solver(cfg["solver"])
+                solver = spec.build() if ratios is None else spec.build(search=lambda _s, r=ratios: r)
+                schedule = from_sigmas(problem.process, np.asarray(cfg["sigmas"], dtype=np.float64))
+                squared = problem.metric("test", solver).squared_errors(schedule, solver)
+            else:
+                label = row["name"].removeprefix("diffusers ")
+                result = run_method(Method(label, row["spec"]), bundle, nfe, test.x_T, name)
+                assert result is not None
+                squared = (result[0].double() - test.reference.double()).flatten(1).pow(2).mean(1)
+            _test_errors(errors, nfe, squared)
+        rows.append({"name": row["name"], "library": row["library"], "errors": errors})
+        log(f"{name}: {row['name']}: " + ", ".join(f"{n}: {errors['test_all'][n]:.2e}" for n in errors["test_all"]))
+    return {"problem": name, "nfe": prob["nfe"], "test_samples": test_samples, "test_seed": TEST_SEED, "rows": rows}
+
+
+def format_rescore(rescored: dict[str, Any]) -> str:
+    """Markdown: per row and NFE the RMS over all test noises / far noises / RMS of the rest."""
+    nfes = [str(n) for n in rescored["nfe"]]
+    lines = [
+        f"### {rescored['problem']}: all {rescored['test_samples']} test noises (RMS / noises ending more than "
+        f"{OUTLIER:g}× the median noise's error from the exact solution / RMS of the others)",
+        "",
+        "| method | " + " | ".join(nfes) + " |",
+        "|---|" + "---|" * len(nfes),
+    ]
+    for row in rescored["rows"]:
+        e = row["errors"]
+        lines.append(
+            f"| {row['name']} | "
+            + " | ".join(_all_cell(e["test_all"][n], e["far"][n], e["test_rest"][n]) for n in nfes)
+            + " |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def _test_errors(errors: dict[str, dict[str, Any]], nfe: int, squared: torch.Tensor) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffsamplers.apps.few_step import Recipe, format_tables, make_problem, run_few_step
+from diffsamplers.apps.few_step import Recipe, format_rescore, format_tables, make_problem, rescore, run_few_step
 
 SIZES = {"test": 8, "fit": 16, "stop": 8}
 
@@ -45,3 +45,20 @@ def test_report_rows_and_the_best_recipe_are_chosen_on_stop_noises() -> None:
     assert levels["0.03"] < make_problem("mix128", SIZES).sigma_max
     text = format_tables(report)
     assert "best of ours" in text and "diffusers' best" in text and ours[0]["name"] in text
+
+
+def test_rescore_reproduces_the_run_and_scores_more_noises() -> None:
+    """The fitted rows scored again as fitted: on the run's own test noises the same errors; on more noises (the
+    run's first) other ones, with the boundary-noise counts."""
+    quiet = lambda _line: None  # noqa: E731
+    recipes = (Recipe("unipc:final_step=midpoint", "logsnr", teleport=True),)
+    report = run_few_step(["mix128"], [5], recipes, SIZES, log=quiet)
+    same = rescore(report, "mix128", SIZES["test"], log=quiet)
+    more = rescore(report, "mix128", 12, log=quiet)
+    rows = report["problems"]["mix128"]["rows"]
+    assert [r["name"] for r in same["rows"]] == [r["name"] for r in rows]
+    for row, again, wider in zip(rows, same["rows"], more["rows"]):
+        assert again["errors"]["test"]["5"] == pytest.approx(row["errors"]["test"]["5"], rel=1e-6)
+        assert wider["errors"]["test_all"]["5"] != row["errors"]["test_all"]["5"]  # 12 noises, not 8
+        assert 0 <= wider["errors"]["far"]["5"] <= 12
+    assert more["test_samples"] == 12 and "| unipc:final_step=midpoint" in format_rescore(more)
