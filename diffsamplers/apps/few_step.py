@@ -360,11 +360,7 @@ def run_few_step(
         for label, spec in DIFFUSERS_METHODS:
             errors = {"test": {}, "test_all": {}, "far": {}, "test_rest": {}}
             for nfe in nfes:
-                test = problem.sets["test"]
-                result = run_method(Method(label, spec), bundle, nfe, test.x_T, name)
-                assert result is not None
-                squared = (result[0].double() - test.reference.double()).flatten(1).pow(2).mean(1)
-                _test_errors(errors, nfe, squared)
+                _test_errors(errors, nfe, _diffusers_squared_errors(problem, bundle, label, spec, nfe))
             rows.append({"name": f"diffusers {label}", "library": "diffusers", "spec": spec, "errors": errors})
             log(f"{name}: diffusers {label}: " + ", ".join(f"{n}: {errors['test'][str(n)]:.2e}" for n in nfes))
         out["problems"][name] = {
@@ -393,7 +389,6 @@ def rescore(report: dict[str, Any], name: str, test_samples: int, log: Callable[
     fitted again."""
     prob = report["problems"][name]
     problem = make_problem(name, {"test": test_samples, "fit": 1, "stop": 1})
-    test = problem.sets["test"]
     bundle = network_bundle(name, problem.gmm, problem.process, "epsilon", problem.config)
     rows = []
     for row in prob["rows"]:
@@ -408,9 +403,7 @@ def rescore(report: dict[str, Any], name: str, test_samples: int, log: Callable[
                 squared = problem.metric("test", solver).squared_errors(schedule, solver)
             else:
                 label = row["name"].removeprefix("diffusers ")
-                result = run_method(Method(label, row["spec"]), bundle, nfe, test.x_T, name)
-                assert result is not None
-                squared = (result[0].double() - test.reference.double()).flatten(1).pow(2).mean(1)
+                squared = _diffusers_squared_errors(problem, bundle, label, row["spec"], nfe)
             _test_errors(errors, nfe, squared)
         rows.append({"name": row["name"], "library": row["library"], "errors": errors})
         log(f"{name}: {row['name']}: " + ", ".join(f"{n}: {errors['test_all'][n]:.2e}" for n in errors["test_all"]))
@@ -435,6 +428,14 @@ def format_rescore(rescored: dict[str, Any]) -> str:
             + " |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _diffusers_squared_errors(problem: MixtureProblem, bundle: Any, label: str, spec: str, nfe: int) -> torch.Tensor:
+    """Each test noise's mean squared error under one of diffusers' schedulers on the mixture's network."""
+    test = problem.sets["test"]
+    result = run_method(Method(label, spec), bundle, nfe, test.x_T, problem.name)
+    assert result is not None
+    return (result[0].double() - test.reference.double()).flatten(1).pow(2).mean(1)
 
 
 def _test_errors(errors: dict[str, dict[str, Any]], nfe: int, squared: torch.Tensor) -> None:

@@ -425,9 +425,7 @@ def teleport_level(
         extra = extra[(extra >= floor) & (extra <= start)]
         grid = np.unique(np.concatenate([grid, extra]))[::-1]
     tested, errors = _criterion(denoiser, stats, start, grid, tolerance, num_probes, seed, cond, cond_key)
-    ok = len(errors) if errors[-1] <= tolerance else len(errors) - 1  # e > tolerance only at the last
-    level = tested[ok - 1] if ok else start
-    return TeleportLevel(float(level), tuple(tested), tuple(errors), tolerance, start, floor)
+    return TeleportLevel(start, tuple(tested), tuple(errors), tolerance, start, floor).at(tolerance)
 
 
 def choose_skip(

@@ -225,16 +225,9 @@ def _search_error(
 
 
 def _search(
-    levels: np.ndarray,
-    indices: list[int],
-    radii: np.ndarray,
-    est: KLUBEstimator | _ErrorObjective,
-    count: int,
-    ceiling: float | None = None,
+    levels: np.ndarray, indices: list[int], radii: np.ndarray, est: KLUBEstimator, count: int
 ) -> tuple[np.ndarray, bool]:
     """One batched coordinate update of mutually non-adjacent ``indices``; returns (levels, whether any moved)."""
-    if isinstance(est, _ErrorObjective):
-        return _search_error(levels, indices, radii, est, count, ceiling)
     if not indices:
         return levels, False
     cands = {i: _candidates(levels, i, radii[i], count) for i in indices}
@@ -425,7 +418,7 @@ def _sweep(run: _Run, state: SearchState) -> None:
     KLUB and, in the first stage, the early-stopping metric."""
     movable, count = _movable(state, run.settings), run.settings.num_candidates
     if isinstance(run.estimator, _ErrorObjective):
-        levels, _ = _search(state.levels, movable, state.radii, run.estimator, count, run.settings.teleport_from)
+        levels, _ = _search_error(state.levels, movable, state.radii, run.estimator, count, run.settings.teleport_from)
     elif state.stage == 0:
         levels, _ = _search(state.levels, movable[0::2], state.radii, run.estimator, count)
         levels, _ = _search(levels, movable[1::2], state.radii, run.estimator, count)

@@ -179,5 +179,7 @@ def test_top_level_is_searched_below_teleport_from(sets) -> None:
     assert test(levels) < test(fixed_top.levels(5))
     with pytest.raises(ValueError, match="objective 'error'"):
         AYSSettings(teleport_from=TOP)
+    with pytest.raises(ValueError, match="positive, finite"):
+        _settings(4, teleport_from=float("nan"))
     with pytest.raises(ValueError, match="teleport_from"):
         optimize_schedule(DEN, None, _settings(4, sigma_max=start, teleport_from=1.0), objective=fit, log=None)
