@@ -132,6 +132,51 @@ def test_denoiser_limits_and_per_sample_coefficients():
         assert torch.allclose(batched[i : i + 1], single, atol=1e-12)
 
 
+def test_isotropic_components_take_the_inner_product_path_and_agree_with_the_general_one():
+    gmm = GaussianMixture.isotropic(96, 5, 0.15, (0.5, 1.0), 0.5, seed=7)
+    assert gmm.isotropic_components and not default_mixture().isotropic_components
+    general = GaussianMixture(gmm.means, gmm.eigvals, gmm.eigvecs, gmm.weights, gmm.sample_shape)
+    general.isotropic_components = False  # the (B, K, d) path
+    g = torch.Generator().manual_seed(1)
+    x0 = gmm.sample(32, generator=g, dtype=torch.float64)
+    a = torch.rand(32, generator=g, dtype=torch.float64) * 0.98 + 0.01
+    s = torch.sqrt(1 - a**2)
+    x = a[:, None] * x0 + s[:, None] * torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    log_w = torch.randn(32, 5, generator=g, dtype=torch.float64)
+    for alpha, sigma, lw in ((a, s, None), (0.999, 0.02, None), (0.3, 0.95, log_w), (a, s, log_w)):
+        fast, slow = gmm.denoise(x, alpha, sigma, lw), general.denoise(x, alpha, sigma, lw)
+        assert fast.dtype == slow.dtype == torch.float64
+        assert torch.allclose(fast, slow, rtol=1e-10, atol=1e-11)
+    # float32 in: float32 out, within float32 rounding of the general path's float64 value.
+    fast32 = gmm.denoise(x.float(), a.float(), s.float())
+    assert fast32.dtype == torch.float32
+    assert float((fast32.double() - general.denoise(x, a, s)).abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize("mixture", ["isotropic", "rotated"])
+def test_component_is_the_most_probable_one(mixture):
+    """Samples drawn from well-separated components are assigned to them; near a mean, that component wins; the
+    inner-product path (isotropic) and the general one agree."""
+    if mixture == "isotropic":
+        gmm = GaussianMixture.isotropic(64, 6, 0.1, (0.7, 1.0), 1.0, seed=2)
+    else:
+        gmm = GaussianMixture.random((64,), num_components=5, seed=3, mean_scale=1.0, eig_range=(1e-3, 1e-2))
+    g = torch.Generator().manual_seed(0)
+    comp = torch.multinomial(gmm.weights, 300, replacement=True, generator=g)
+    noise = torch.randn(300, 64, generator=g, dtype=torch.float64)
+    if mixture == "isotropic":
+        x = gmm.means[comp] + gmm.eigvals[comp].sqrt() * noise
+    else:
+        x = gmm.means[comp] + torch.einsum("nde,ne->nd", gmm.eigvecs[comp], gmm.eigvals[comp].sqrt() * noise)
+    assert torch.equal(gmm.component(x, chunk=64), comp)
+    assert torch.equal(gmm.component(gmm.means.float()), torch.arange(gmm.means.shape[0]))
+    general = GaussianMixture(gmm.means, gmm.eigvals, gmm.eigvecs, gmm.weights, gmm.sample_shape)
+    general.isotropic_components = False
+    assert torch.equal(general.component(x), gmm.component(x))
+    with pytest.raises(ValueError, match="sample shape"):
+        gmm.component(torch.zeros(2, 63))
+
+
 @pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction", "flow_prediction"])
 def test_network_form_predicts_every_parametrisation(prediction_type):
     gmm = default_mixture()
