@@ -226,6 +226,12 @@ def positive_float(text: str) -> float:
     return _number(text, lambda value: value > 0, "a finite number > 0")
 
 
+def outlier_factor(text: str) -> float | None:
+    """An outlier factor of a schedule search: 0 (off: ``None``, the plain RMS) or a finite number > 1."""
+    value = _number(text, lambda value: value == 0 or value > 1, "0 (off) or a finite number > 1")
+    return value or None
+
+
 def guidance_scale(text: str) -> float:
     """A classifier-free guidance scale: finite and > 0 (1 = no guidance; 0 would ignore the condition)."""
     return _number(text, lambda value: value > 0, "a finite number > 0 (1 = no guidance)")

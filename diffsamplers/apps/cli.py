@@ -25,6 +25,7 @@ from .arguments import (
     finite_float,
     help_text,
     integer,
+    outlier_factor,
     output_file,
     parse_class_labels,
     plot_suffixes,
@@ -462,10 +463,11 @@ def _add_schedule_optimize(cmds: Any) -> None:
     )
     p.add_argument(
         "--outlier",
-        type=positive_float,
+        type=outlier_factor,
         default=20.0,
         help="noises with more than this many times the median noise's error are left out of the error (boundary "
-        "noises of a mixture, where every few-step solver ends in another component)",
+        "noises of a mixture, where a few-step solver can end in another component); 0: the plain RMS, the better "
+        "objective with thousands of --fit-samples",
     )
     schedule_file = output_file({SCHEDULE_SUFFIX}, "a learned schedule")
     add_output(p, "the learned schedule to write (.safetensors)", alias="--out", type=schedule_file, required=True)
@@ -483,8 +485,8 @@ def _add_schedule_optimize(cmds: Any) -> None:
     p.add_argument(
         "--init",
         default="auto",
-        choices=["auto", "uniform_time", "karras", "uniform_logsnr"],
-        help="the first stage's starting schedule",
+        choices=["auto", "best", "uniform_time", "karras", "uniform_logsnr"],
+        help="the first stage's starting schedule (best: whichever of the last three has the smallest stopping metric)",
     )
     p.add_argument(
         "--sigma-min",

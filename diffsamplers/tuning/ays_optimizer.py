@@ -9,7 +9,9 @@ paper's description:
   time-uniform for rectified-flow models too, whose own samplers step uniformly in t (Liu et al. 2023; Esser et
   al. 2024 shift that grid): on σ̃ ∈ [10⁻⁶, 10⁶], the range of a diffusers flow config, EDM's 5-step schedule
   visits σ̃ = 10⁶, 2·10⁵, 3·10⁴, 2·10³ and 22 (DPM-Solver++ 2M on the bundled mixture: RMS 0.36 against
-  0.08 time-uniform).
+  0.08 time-uniform). ``init="best"`` (ours) starts from whichever of the standard schedules
+  (:data:`STANDARD_INITS`) scores lowest on the early-stopping ``metric`` (the objective without one): a coordinate
+  search ends near where it starts, and which hand-made schedule is best differs between models and step counts.
 * **Coordinate-wise search** (Alg. 1) — for each interior level, 11 candidates between its neighbours (the
   current value is one of them, so the estimated KLUB never rises: the estimator uses a fixed bank of data and
   noise). Candidates are spaced in log σ̃ up to ``radius`` of the way to each neighbour, 5 on each side;
@@ -44,7 +46,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +62,7 @@ from .klub import KLUBEstimator
 
 __all__ = [
     "AYSSettings",
+    "STANDARD_INITS",
     "ScheduleBoundsError",
     "SearchState",
     "optimize_schedule",
@@ -68,6 +71,8 @@ __all__ = [
 ]
 
 _CHECKPOINT = "ays_checkpoint"
+#: The hand-made schedules ``init="best"`` chooses from.
+STANDARD_INITS = ("uniform_logsnr", "karras", "uniform_time")
 Metric = Callable[[np.ndarray], float]
 
 
@@ -86,7 +91,7 @@ class AYSSettings:
     patience: int = 3
     radius: float = 0.5
     min_radius: float = 1e-3
-    init: str = "auto"  # "auto", "uniform_time", "karras", "uniform_logsnr"
+    init: str = "auto"  # "auto", "uniform_time", "karras", "uniform_logsnr", "best" (of those three, by the metric)
     objective: str = "klub"  # "klub" (the paper) or "error" (the objective callable of optimize_schedule)
     sigma_min: float | None = None
     sigma_max: float | None = None
@@ -103,7 +108,7 @@ class AYSSettings:
             raise ValueError(f"radius must lie in (0, 1), got {self.radius}")
         if self.refinements < 0 or self.max_sweeps < 0 or self.refine_sweeps < 0 or self.patience < 1:
             raise ValueError("refinements, max_sweeps and refine_sweeps must be >= 0 and patience >= 1")
-        if self.init not in ("auto", "uniform_time", "karras", "uniform_logsnr"):
+        if self.init not in ("auto", "best", *STANDARD_INITS):
             raise ValueError(f"unknown init {self.init!r}")
         if self.objective not in ("klub", "error"):
             raise ValueError(f"unknown objective {self.objective!r}: expected 'klub' or 'error'")
@@ -150,11 +155,14 @@ def schedule_bounds(process: NoiseProcess, settings: AYSSettings) -> tuple[float
 
 
 def initial_levels(process: NoiseProcess, settings: AYSSettings) -> np.ndarray:
-    """The first-stage starting point: n + 1 decreasing levels from σ_max to σ_min."""
+    """The first-stage starting point: n + 1 decreasing levels from σ_max to σ_min (``init="best"`` is chosen by
+    :func:`optimize_schedule`, which scores the standard ones)."""
     from ..schedules.spacing import karras, uniform_logsnr, uniform_time
 
     lo, hi = schedule_bounds(process, settings)
     init = settings.init
+    if init == "best":
+        raise ValueError("init 'best' is chosen by optimize_schedule on its metric: pass one of STANDARD_INITS here")
     if init == "auto":
         init = "uniform_time" if isinstance(process, DiscreteVP) or process.scaling == "flow" else "karras"
     n = settings.num_steps
@@ -386,8 +394,20 @@ def optimize_schedule(
     return LearnedSchedule(state.stages, metadata)
 
 
+def _start_levels(run: _Run, process: NoiseProcess) -> np.ndarray:
+    """The settings' initial levels; for ``init="best"`` the standard schedule with the smallest metric (objective)."""
+    if run.settings.init != "best":
+        return initial_levels(process, run.settings)
+    judge = run.metric or run.estimator.total
+    options = {init: initial_levels(process, replace(run.settings, init=init)) for init in STANDARD_INITS}
+    scores = {init: float(judge(levels)) for init, levels in options.items()}
+    chosen = min(scores, key=lambda init: scores[init])
+    run.say("init best: " + ", ".join(f"{k} {v:.6g}" for k, v in scores.items()) + f" -> {chosen}")
+    return options[chosen]
+
+
 def _initial_state(run: _Run, process: NoiseProcess) -> SearchState:
-    levels = initial_levels(process, run.settings)
+    levels = _start_levels(run, process)
     value = run.metric(levels) if run.metric else None
     state = SearchState.start(levels, run.settings, run.estimator.total(levels), value)
     name = "KLUB" if isinstance(run.estimator, KLUBEstimator) else "objective"

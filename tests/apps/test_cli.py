@@ -95,6 +95,10 @@ BAD_ARGUMENTS = {
     "per-class": (["sample", "--per-class", "-1"], ["--per-class must be a positive integer, got -1"]),
     "per-class text": (["sample", "--per-class", "many"], ["--per-class must be a positive integer, got many"]),
     "steps": (["sample", "--steps", "0"], ["--steps must be a positive integer, got 0"]),
+    "outlier": (
+        ["schedule", "optimize", "--model", "gmm", "--outlier", "0.5", "--output", "x.safetensors"],
+        ["--outlier must be 0 (off) or a finite number > 1, got 0.5"],
+    ),
     "seed": (["sample", "--seed", "-1"], ["--seed must be an integer in 0..", "got -1"]),
     "seed text": (["compare", "--seed", "abc"], ["--seed must be an integer in 0..", "got abc"]),
     "compare samples": (["compare", "--num-samples", "0"], ["--num-samples must be a positive integer, got 0"]),

@@ -14,7 +14,7 @@ from diffsamplers.sampling import initial_noise, sample
 from diffsamplers.schedules import from_sigmas, karras, uniform_logsnr
 from diffsamplers.solvers import UniPC
 from diffsamplers.teleport.statistics import GaussianStatistics
-from diffsamplers.tuning.ays_optimizer import AYSSettings, optimize_schedule
+from diffsamplers.tuning.ays_optimizer import STANDARD_INITS, AYSSettings, initial_levels, optimize_schedule
 from diffsamplers.tuning.solver_error import SolverErrorMetric
 
 PROCESS = DiscreteVP.from_beta_schedule("scaled_linear", 0.00085, 0.012, 1000)
@@ -34,9 +34,8 @@ def sets() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
 
 
 def _settings(n: int, **kw: object) -> AYSSettings:
-    return AYSSettings(
-        num_steps=n, refinements=0, objective="error", init="uniform_logsnr", num_candidates=7, max_sweeps=8, **kw
-    )
+    kw = {"init": "uniform_logsnr", "max_sweeps": 8, **kw}
+    return AYSSettings(num_steps=n, refinements=0, objective="error", num_candidates=7, **kw)
 
 
 def test_learned_schedule_beats_logsnr_and_karras_on_unseen_noises(sets) -> None:
@@ -85,6 +84,23 @@ def test_error_objective_settings_are_checked() -> None:
         optimize_schedule(DEN, None, _settings(4), objective=None, log=None)
     with pytest.raises(ValueError, match="NaN"):
         optimize_schedule(DEN, None, _settings(4), objective=lambda levels: float("nan"), log=None)
+
+
+@pytest.mark.parametrize("target", STANDARD_INITS)
+def test_best_init_starts_from_the_standard_schedule_the_metric_prefers(target: str) -> None:
+    """``init="best"`` scores every standard schedule on the stop metric (the objective without one) and starts there;
+    with no sweeps that start is the result."""
+    settings = {init: initial_levels(PROCESS, _settings(5, init=init)) for init in STANDARD_INITS}
+    metric = lambda levels: float(np.abs(np.log(levels) - np.log(settings[target])).sum())  # noqa: E731
+    objective = lambda levels: -metric(levels)  # prefers another start: the metric decides  # noqa: E731
+    learned = optimize_schedule(
+        DEN, None, _settings(5, init="best", max_sweeps=0), metric=metric, objective=objective, log=None
+    )
+    np.testing.assert_allclose(learned.levels(5), settings[target])
+    alone = optimize_schedule(DEN, None, _settings(5, init="best", max_sweeps=0), objective=metric, log=None)
+    np.testing.assert_allclose(alone.levels(5), settings[target])  # no metric: the objective decides
+    with pytest.raises(ValueError, match="chosen by optimize_schedule"):
+        initial_levels(PROCESS, _settings(5, init="best"))
 
 
 def test_error_objective_resumes_from_its_checkpoint(tmp_path, sets) -> None:
@@ -145,13 +161,20 @@ def test_cli_fits_the_solver_error_with_its_final_step(tmp_path) -> None:
     out = tmp_path / "s.safetensors"
     args = ["schedule", "optimize", "--model", "gmm", "--nfe", "4", "--objective", "error"]
     args += ["--solver", "unipc:final_step=midpoint", "--fit-samples", "24", "--metric-samples", "16"]
-    args += ["--reference-steps", "200", "--max-sweeps", "2", "--output", str(out), "--quiet"]
+    args += ["--reference-steps", "200", "--max-sweeps", "2", "--init", "best", "--output", str(out), "--quiet"]
     assert main(args) == 0
     learned = LearnedSchedule.load(out)
     meta = learned.metadata
     assert sorted(learned.stages) == [4] and meta["settings"]["objective"] == "error"
     assert meta["final"] == "zero" and meta["fit_samples"] == 24 and meta["solver"] == "unipc:final_step=midpoint"
     assert meta["outlier"] == 20.0 and meta["objective_history"][-1] <= meta["objective_history"][0]
+    assert meta["settings"]["init"] == "best"
+    from diffsamplers.apps.cli import build_parser
+
+    plain = build_parser().parse_args(
+        ["schedule", "optimize", "--model", "gmm", "--outlier", "0", "--output", str(out)]
+    )
+    assert plain.outlier is None  # the plain RMS
 
 
 def test_top_level_is_searched_below_teleport_from(sets) -> None:
