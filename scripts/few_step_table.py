@@ -2,13 +2,12 @@
 
     python scripts/few_step_table.py [--problems mix768,mix512,mix128,gmm] [--nfe 5,7,8,10,20] [--out docs/few_step]
     python scripts/few_step_table.py --problems gmm --nfe 5,6,7,8,10,15,20 --ship   # the recipes shipped for gmm
-    python scripts/few_step_table.py --problems mix512 --rescore 1024   # the fitted recipes on 1,024 test noises
+    python scripts/few_step_table.py --problems mix768 --rescore   # test errors of an existing JSON measured again
 
 Writes ``<out>/<problem>.json`` per mixture (resuming: a mixture whose JSON exists is skipped), then
 ``<out>/tables.md`` from every JSON there. ``--ship`` also writes the best recipe per NFE of the bundled mixture to
-``diffsamplers/assets/best/gmm.json`` (what ``--solver best`` and ``diffsamplers compare`` use). ``--rescore N`` scores
-every row of an existing ``<problem>.json`` again, as fitted, on N test noises (``<out>/<problem>_test<N>.json`` and
-``.md``): the count of noises sent to another component needs more noises than the tables' 128 to compare.
+``diffsamplers/assets/best/gmm.json`` (what ``--solver best`` and ``diffsamplers compare`` use). ``--rescore`` measures
+the test errors of an existing ``<problem>.json`` again, as fitted (nothing is fitted again), and rewrites it.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ from pathlib import Path
 import torch
 
 from diffsamplers.apps.best import BestRecipe, write_best
-from diffsamplers.apps.few_step import PROBLEMS, format_rescore, format_tables, rescore, run_few_step
+from diffsamplers.apps.few_step import PROBLEMS, format_tables, rescore, run_few_step
 
 #: The mixtures that are bundled models (their recipes can be shipped).
 SHIPPABLE = ("gmm",)
@@ -33,32 +32,25 @@ def main() -> None:
     parser.add_argument("--out", default="docs/few_step")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--ship", action="store_true", help="write the bundled mixture's best recipes to the package")
-    parser.add_argument("--rescore", type=int, default=None, metavar="N", help="score the fitted rows on N test noises")
+    parser.add_argument("--rescore", action="store_true", help="measure an existing JSON's test errors again")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     nfes = [int(v) for v in args.nfe.split(",")]
-    if args.rescore is not None:
-        for name in args.problems.split(","):
-            report = rescore(json.loads((out / f"{name}.json").read_text()), name, args.rescore)
-            report["command"] = f"python scripts/few_step_table.py --problems {name} --rescore {args.rescore}"
-            stem = out / f"{name}_test{args.rescore}"
-            stem.with_suffix(".json").write_text(json.dumps(report, indent=1))
-            stem.with_suffix(".md").write_text(format_rescore(report))
-            print(f"wrote {stem}.json and .md")
-        return
     for name in args.problems.split(","):
         path = out / f"{name}.json"
+        if args.rescore:
+            report = rescore(json.loads(path.read_text()))
+            report["command"] += f"; python scripts/few_step_table.py --problems {name} --rescore"
+            _write(path, report)
+            continue
         if path.is_file():
             print(f"{path} exists: skipped")
             continue
         report = run_few_step([name], nfes)
         report["command"] = f"python scripts/few_step_table.py --problems {name} --nfe {args.nfe}"
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(report, indent=1))
-        tmp.replace(path)
-        print(f"wrote {path}")
+        _write(path, report)
         if args.ship and name in SHIPPABLE:
             print(f"wrote {ship(name, report)}")
     merged = {"nfe": [], "problems": {}}
@@ -69,6 +61,13 @@ def main() -> None:
         merged["nfe"] = part["nfe"]
         merged["problems"].update(part["problems"])
     (out / "tables.md").write_text(format_tables(merged) + "\n")
+
+
+def _write(path: Path, report: dict) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(report, indent=1))
+    tmp.replace(path)
+    print(f"wrote {path}")
 
 
 def ship(name: str, report: dict) -> Path:
