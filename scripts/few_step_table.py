@@ -2,7 +2,7 @@
 
     python scripts/few_step_table.py [--problems mix768,mix512,mix128,gmm] [--nfe 5,7,8,10,20] [--out docs/few_step]
     python scripts/few_step_table.py --problems gmm --nfe 5,6,7,8,10,15,20 --ship   # the recipes shipped for gmm
-    python scripts/few_step_table.py --problems mix768 --rescore   # test errors of an existing JSON measured again
+    python scripts/few_step_table.py --problems mix768 --rescore [--test-samples N]   # an existing JSON's test errors
 
 Writes ``<out>/<problem>.json`` per mixture (resuming: a mixture whose JSON exists is skipped), then
 ``<out>/tables.md`` from every JSON there. ``--ship`` also writes the best recipe per NFE of the bundled mixture to
@@ -33,6 +33,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--ship", action="store_true", help="write the bundled mixture's best recipes to the package")
     parser.add_argument("--rescore", action="store_true", help="measure an existing JSON's test errors again")
+    parser.add_argument("--test-samples", type=int, default=None, help="with --rescore: on this many test noises")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -41,8 +42,9 @@ def main() -> None:
     for name in args.problems.split(","):
         path = out / f"{name}.json"
         if args.rescore:
-            report = rescore(json.loads(path.read_text()))
-            report["command"] += f"; python scripts/few_step_table.py --problems {name} --rescore"
+            report = rescore(json.loads(path.read_text()), test_samples=args.test_samples)
+            more = "" if args.test_samples is None else f" --test-samples {args.test_samples}"
+            report["command"] += f"; python scripts/few_step_table.py --problems {name} --rescore{more}"
             _write(path, report)
             continue
         if path.is_file():

@@ -63,3 +63,6 @@ def test_rescore_measures_the_test_errors_again_without_fitting() -> None:
         assert row["errors"]["test"]["5"] == pytest.approx(old["test"]["5"], rel=1e-6)
         assert row["errors"]["astray"] == old["astray"] and row["errors"].get("stop") == old.get("stop")
     assert again["best"]["5"]["ours_test"] > 0
+    eight = again["rows"][0]["errors"]["test"]["5"]
+    more = rescore(report, log=quiet, test_samples=12)["problems"]["mix128"]  # in place: the report's own rows
+    assert more["sizes"]["test"] == 12 and more["rows"][0]["errors"]["test"]["5"] != eight
