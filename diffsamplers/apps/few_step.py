@@ -12,8 +12,8 @@ first 32); **stop** (2,048, seed 2) — the held-out set that picks a learned sc
 picks the teleport level and the best recipe per NFE; **test** (4,096, seed 0) — where every number of the tables is
 measured: the RMS over all of them, with the count of noises sent astray — whose sample ends in another component of
 the mixture than the exact solution (:meth:`~diffsamplers.models.gmm.GaussianMixture.component`) — and the RMS of the
-rest (:func:`score_rows`, which ``--rescore`` runs again on a finished report without fitting anything). Nothing is fitted or
-chosen on the test noises, and every search and choice uses the plain RMS. A few noises in a hundred lie near a
+rest (:func:`score_rows`, which ``--rescore`` runs again on a finished report without fitting anything). Nothing is
+fitted or chosen on the test noises, and every search and choice uses the plain RMS. A few noises in a hundred lie near a
 boundary between components, where a few-step solver can end in another component than the exact ODE; at 5–10
 evaluations those noises decide the RMS, so the sets are large enough to hold dozens of them: a schedule fitted on a
 few hundred noises (or with them left out) fits their particular flips, not the rate at which it causes them.
@@ -58,7 +58,7 @@ from ..teleport.gaussian import TeleportLevel, teleport_level
 from ..teleport.statistics import GaussianStatistics
 from ..tuning.ays_optimizer import AYSSettings, optimize_schedule
 from ..tuning.dc_search import search_dc_ratios
-from ..tuning.solver_error import SolverErrorMetric
+from ..tuning.solver_error import SolverErrorMetric, squared_errors
 from ..tuning.teleport_choice import TELEPORT_TOLERANCES, TeleportChoice, choose_teleport
 from .compare import Method, network_bundle, run_method
 from .recipes import parse_solver
@@ -399,7 +399,7 @@ def score_rows(
                 result = run_method(Method(row["name"], row["spec"]), bundle, nfe, test.x_T, problem.name)
                 assert result is not None
                 out = result[0]
-            squared = (out.double().cpu() - test.reference.double()).flatten(1).pow(2).mean(1)
+            squared = squared_errors(out, test.reference)
             astray = problem.gmm.component(out) != exact
             errors["test"][key] = float(squared.mean().sqrt())
             errors["astray"][key] = int(astray.sum())

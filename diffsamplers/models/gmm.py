@@ -184,9 +184,7 @@ class GaussianMixture:
         log_w = (self.weights.log() if log_weights is None else log_weights).to(device=x.device, dtype=work)
         a = alpha.to(work).reshape(b, 1, 1) if isinstance(alpha, torch.Tensor) else alpha
         s = sigma.to(work).reshape(b, 1, 1) if isinstance(sigma, torch.Tensor) else sigma
-        centred = flat[:, None, :] - a * means[None]  # (B, K, d)
-        # coordinates in each eigenbasis
-        z = centred if self.axis_aligned else torch.einsum("bkd,kde->bke", centred, eigvecs)
+        z = self._eigen_coordinates(flat, a, means, eigvecs)
         var = a * a * eigvals[None] + s * s  # (B or 1, K, d)
         log_lik = -0.5 * (z * z / var + torch.log(var)).sum(-1) + log_w  # (B, K)
         resp = torch.softmax(log_lik, dim=1)
@@ -218,8 +216,8 @@ class GaussianMixture:
         a = alpha.to(torch.float64).reshape(b, 1) if isinstance(alpha, torch.Tensor) else float(alpha)
         s = sigma.to(torch.float64).reshape(b, 1) if isinstance(sigma, torch.Tensor) else float(sigma)
         var = a * a * lam[None] + s * s  # (B or 1, K)
-        dist = (flat * flat).sum(1, keepdim=True) - 2 * a * (flat @ means.T) + a * a * (means * means).sum(1)[None]
-        resp = torch.softmax(-0.5 * (dist.clamp_min(0) / var + d * torch.log(var)) + log_w, dim=1)  # (B, K)
+        dist = self._squared_distances(flat, a, means)
+        resp = torch.softmax(-0.5 * (dist / var + d * torch.log(var)) + log_w, dim=1)  # (B, K)
         gain = a * lam[None] / var  # c_k
         x0 = (resp * gain).sum(1, keepdim=True) * flat + (resp * (1 - a * gain)) @ means
         return x0.to(compute_dtype(x.dtype)).reshape(x.shape)
@@ -236,21 +234,29 @@ class GaussianMixture:
         lam = self.eigvals.to(flat.device).clamp_min(1e-300)
         log_w = self.weights.log().to(flat.device) - 0.5 * lam.log().sum(1)
         means = self.means.to(flat.device)
+        eigvecs = None if self.axis_aligned else self.eigvecs.to(flat.device)
         out = []
         for rows in flat.split(chunk):
             if self.isotropic_components:
-                dist = (rows * rows).sum(1, keepdim=True) - 2 * rows @ means.T + (means * means).sum(1)[None]
-                mahalanobis = dist.clamp_min(0) / lam[:, 0][None]
+                mahalanobis = self._squared_distances(rows, 1.0, means) / lam[:, 0][None]
             else:
-                centred = rows[:, None, :] - means[None]
-                z = (
-                    centred
-                    if self.axis_aligned
-                    else torch.einsum("bkd,kde->bke", centred, self.eigvecs.to(flat.device))
-                )
+                z = self._eigen_coordinates(rows, 1.0, means, eigvecs)
                 mahalanobis = (z * z / lam[None]).sum(-1)
             out.append((log_w[None] - 0.5 * mahalanobis).argmax(1))
         return torch.cat(out)
+
+    def _eigen_coordinates(
+        self, flat: torch.Tensor, a: float | torch.Tensor, means: torch.Tensor, eigvecs: torch.Tensor | None
+    ) -> torch.Tensor:
+        """x − αμ_k in component k's eigenbasis, (B, K, d) (``eigvecs`` None for axis-aligned covariances)."""
+        centred = flat[:, None, :] - a * means[None]
+        return centred if eigvecs is None else torch.einsum("bkd,kde->bke", centred, eigvecs)
+
+    @staticmethod
+    def _squared_distances(flat: torch.Tensor, a: float | torch.Tensor, means: torch.Tensor) -> torch.Tensor:
+        """‖x − αμ_k‖², (B, K), from inner products: ‖x‖² − 2α x·μ_k + α²‖μ_k‖² (clamped at 0; use float64)."""
+        dist = (flat * flat).sum(1, keepdim=True) - 2 * a * (flat @ means.T) + a * a * (means * means).sum(1)[None]
+        return dist.clamp_min(0)
 
     def as_denoiser(self, process: NoiseProcess, prediction_type: str = "sample") -> GMMDenoiser:
         """The exact x̂0 = D(x, t) on ``process`` for :func:`diffsamplers.sample`; its network (for diffusers'

@@ -394,21 +394,22 @@ def optimize_schedule(
     return LearnedSchedule(state.stages, metadata)
 
 
-def _start_levels(run: _Run, process: NoiseProcess) -> np.ndarray:
-    """The settings' initial levels; for ``init="best"`` the standard schedule with the smallest metric (objective)."""
+def _start_levels(run: _Run, process: NoiseProcess) -> tuple[np.ndarray, float | None]:
+    """The settings' initial levels and their metric (None without one); for ``init="best"`` the standard schedule
+    with the smallest metric (objective)."""
     if run.settings.init != "best":
-        return initial_levels(process, run.settings)
+        levels = initial_levels(process, run.settings)
+        return levels, run.metric(levels) if run.metric else None
     judge = run.metric or run.estimator.total
     options = {init: initial_levels(process, replace(run.settings, init=init)) for init in STANDARD_INITS}
     scores = {init: float(judge(levels)) for init, levels in options.items()}
     chosen = min(scores, key=lambda init: scores[init])
     run.say("init best: " + ", ".join(f"{k} {v:.6g}" for k, v in scores.items()) + f" -> {chosen}")
-    return options[chosen]
+    return options[chosen], scores[chosen] if run.metric else None
 
 
 def _initial_state(run: _Run, process: NoiseProcess) -> SearchState:
-    levels = _start_levels(run, process)
-    value = run.metric(levels) if run.metric else None
+    levels, value = _start_levels(run, process)
     state = SearchState.start(levels, run.settings, run.estimator.total(levels), value)
     name = "KLUB" if isinstance(run.estimator, KLUBEstimator) else "objective"
     run.say(f"init ({run.settings.init}): {name} {state.klub[0]:.6g}" + (f", metric {value:.6g}" if run.metric else ""))

@@ -19,7 +19,12 @@ from ..schedules.align_your_steps import AysFinal, schedule_from_levels
 from ..schedules.schedule import Schedule
 from ..solvers.base import Solver
 
-__all__ = ["SolverErrorMetric"]
+__all__ = ["SolverErrorMetric", "squared_errors"]
+
+
+def squared_errors(samples: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Each sample's mean squared error against its reference (float64, on the CPU)."""
+    return (samples.double().cpu() - reference.double().cpu()).flatten(1).pow(2).mean(1)
 
 
 class SolverErrorMetric:
@@ -98,8 +103,7 @@ class SolverErrorMetric:
 
     def squared_errors(self, schedule: Schedule, solver: Solver) -> torch.Tensor:
         """Each sample's mean squared error (float64, on the CPU) of ``solver`` on ``schedule`` from ``x_T``."""
-        out = self.samples(schedule, solver)
-        return (out.double().cpu() - self.reference.double().cpu()).flatten(1).pow(2).mean(1)
+        return squared_errors(self.samples(schedule, solver), self.reference)
 
     def error(self, schedule: Schedule, solver: Solver) -> float:
         """RMS error of ``solver`` on ``schedule`` from ``x_T`` against the reference (``outlier`` noises left out)."""
